@@ -1,0 +1,142 @@
+"""Answer questions about images: the same chat template as training, stock processor, KV-cached generation
+that stops at EOS. Also the held-out exact-match evaluation used by notebooks 03-05."""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from PIL import Image
+
+from .chat_template import prompt_for_next_answer
+
+
+@contextmanager
+def left_padding(tok):
+    side = tok.padding_side
+    tok.padding_side = "left"  # generation continues from the right end of every row
+    try:
+        yield
+    finally:
+        tok.padding_side = side
+
+
+def _device_dtype(model):
+    p = next(model.parameters())
+    return p.device, (p.dtype if p.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
+
+
+@torch.no_grad()
+def generate_answers(model, processor, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32):
+    """Greedy answers for a batch of (image, prompt). Returns [(text, ended_with_eos)]."""
+    tok = processor.tokenizer
+    device, _ = _device_dtype(model)
+    with left_padding(tok):
+        inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    vision_dtype = next(model.get_base_model().model.vision_tower.parameters()).dtype \
+        if hasattr(model, "get_base_model") else next(model.model.vision_tower.parameters()).dtype
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
+    model.eval()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    results = []
+    for row in new:
+        ids = row.tolist()
+        ended = tok.eos_token_id in ids
+        if ended:
+            ids = ids[: ids.index(tok.eos_token_id)]
+        results.append((tok.decode(ids, skip_special_tokens=True).strip(), ended))
+    return results
+
+
+def normalise(answer: str) -> str:
+    return " ".join(answer.lower().strip().rstrip(".").split())
+
+
+def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, batch_size: int = 32,
+                           progress: bool = True) -> dict:
+    """Exact-match accuracy on held-out conversations, turn by turn with the gold history in the prompt.
+
+    Every record needs ``meta["types"]`` (question type per turn). Returns overall and per-type accuracy, the
+    fraction of answers that ended with EOS, and every (question, expected, predicted) row.
+    """
+    from tqdm.auto import tqdm
+
+    jobs = []  # (image path, prompt, expected, type, question)
+    for r in records:
+        history = []
+        turns = [(r.messages[i], r.messages[i + 1]) for i in range(0, len(r.messages) - 1, 2)]
+        for k, (user, assistant) in enumerate(turns):
+            question = user["content"].split("\n", 1)[-1] if k == 0 else user["content"]
+            prompt = prompt_for_next_answer(history, question, processor.tokenizer.eos_token)
+            types = r.meta.get("types") or []
+            jobs.append((r.image, prompt, assistant["content"], types[k] if k < len(types) else "open", question))
+            history += [user, assistant]
+    rows = []
+    for i in tqdm(range(0, len(jobs), batch_size), desc="answering held-out questions", disable=not progress):
+        chunk = jobs[i: i + batch_size]
+        images = [Image.open(j[0]).convert("RGB") for j in chunk]
+        answers = generate_answers(model, processor, images, [j[1] for j in chunk], max_new_tokens)
+        for (path, _, expected, qtype, question), (pred, ended) in zip(chunk, answers):
+            rows.append({"image": path.name, "type": qtype, "question": question, "expected": expected,
+                         "predicted": pred, "correct": normalise(pred) == normalise(expected), "eos": ended})
+    by_type = defaultdict(list)
+    for row in rows:
+        by_type[row["type"]].append(row["correct"])
+    return {
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+        "count_by_type": {t: len(v) for t, v in sorted(by_type.items())},
+        "eos_rate": sum(r["eos"] for r in rows) / len(rows),
+        "n_questions": len(rows),
+        "rows": rows,
+    }
+
+
+class Assistant:
+    """A multi-turn chat about one image: the history is fed back to the model at every turn."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 64):
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+        self.history: list[dict] = []
+        self.image: Image.Image | None = None
+
+    def start(self, image: Image.Image):
+        self.image, self.history = image.convert("RGB"), []
+
+    def ask(self, question: str) -> str:
+        if self.image is None:
+            raise ValueError("Give an image first (Assistant.start(image)).")
+        prompt = prompt_for_next_answer(self.history, question, self.processor.tokenizer.eos_token)
+        (answer, _), = generate_answers(self.model, self.processor, [self.image], [prompt], self.max_new_tokens)
+        user = {"role": "user", "content": prompt_user_content(self.history, question)}
+        self.history += [user, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def prompt_user_content(history: list[dict], question: str) -> str:
+    from .chat_template import user_message
+
+    return user_message(question, with_image=not history)["content"]
+
+
+def plot_accuracy(by_type: dict[str, float], overall: float, path=None):
+    """Bar chart of exact-match accuracy per question type, with the overall figure as a line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.bar(list(by_type), [100 * v for v in by_type.values()], color="#4c72b0")
+    ax.axhline(100 * overall, color="grey", linestyle="--", label=f"overall {overall:.1%}")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("held-out exact match (%)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    if path is not None:
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    plt.show()
+    return fig

@@ -1,0 +1,103 @@
+"""Stage 03: QLoRA instruction tuning.
+
+The LLaVA checkpoint of stage 02 is loaded with the language model in 4-bit nf4 (bitsandbytes); the vision tower,
+projector and LM head stay unquantized (in transformers 5 the skip list needs full module paths, otherwise the
+vision tower is quantized too). LoRA adapters (peft) go on the language model's attention and MLP projections
+only; the projector is trained in full precision as a ``modules_to_save`` copy with its own learning rate.
+"""
+from __future__ import annotations
+
+import torch
+
+from .encoding import PadCollator
+from .training import CachedFeatureTrainer, bf16_supported, training_arguments
+
+SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|dense|fc1|fc2)"
+
+
+def quantization_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float32,
+                              llm_int8_skip_modules=SKIP_QUANTIZATION)
+
+
+def load_4bit_llava(checkpoint):
+    from transformers import LlavaForConditionalGeneration
+
+    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    model = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), quantization_config=quantization_config(),
+                                                          device_map=device_map)
+    model.model.multi_modal_projector.float()
+    model.model.vision_tower.float()
+    return model
+
+
+def quantized_module_names(model) -> list[str]:
+    import bitsandbytes as bnb
+
+    return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def add_lora(model, profile):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.gradient_checkpointing)
+    config = LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
+                        target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"], bias="none",
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    # vision tower stays frozen and the projector's trainable copy stays in fp32
+    for name, p in peft_model.named_parameters():
+        if "vision_tower" in name:
+            p.requires_grad_(False)
+    return peft_model
+
+
+def train_instruct(model, dataset, tok, profile, paths, callbacks=None, **overrides):
+    args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
+                              n_examples=len(dataset), **overrides)
+    trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
+                                   data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks,
+                                   projector_learning_rate=profile.projector_learning_rate)
+    trainer.train()
+    return trainer
+
+
+@torch.no_grad()
+def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype=torch.float32):
+    """Save a plain LlavaForConditionalGeneration equal to the trained 4-bit + LoRA model.
+
+    Each quantized weight is dequantized (the values the adapters were trained against) and its LoRA delta
+    added; the trained projector copy replaces the original. The result loads with stock transformers.
+    """
+    import bitsandbytes.functional as bnbf
+    from peft.tuners.lora import LoraLayer
+    from transformers import LlavaForConditionalGeneration
+
+    merged = LlavaForConditionalGeneration.from_pretrained(str(base_checkpoint), dtype=dtype)
+    wrapped = peft_model.get_base_model()
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        weight = base.weight
+        if hasattr(weight, "quant_state"):
+            weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        delta = module.get_delta_weight("default")
+        target = merged.get_submodule(name)
+        target.weight.copy_((weight.float() + delta.float()).to(dtype).cpu())
+        if base.bias is not None:
+            target.bias.copy_(base.bias.to(dtype).cpu())
+    projector = wrapped.model.multi_modal_projector
+    if hasattr(projector, "modules_to_save"):  # peft's ModulesToSaveWrapper: the trained copy
+        projector = projector.modules_to_save["default"]
+    merged.model.multi_modal_projector.load_state_dict({k: v.to(dtype).cpu() for k, v in
+                                                        projector.state_dict().items()})
+    merged.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    merged.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return merged

@@ -1,0 +1,134 @@
+"""Read image-text data in the real formats and turn it into training examples.
+
+* COCO 2017 captions JSON (``images`` + ``annotations``) -> one caption conversation per annotation;
+* LLaVA-Instruct JSON (``image`` + ``conversations`` with ``<image>``) -> one multi-turn conversation per record.
+
+Malformed records (missing image file, conversation without an answer, too long for the context) are skipped
+and counted instead of crashing a long run; if most records are bad the loader stops with a clear error.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .chat_template import IMAGE_TOKEN, from_llava, user_message
+from .encoding import encode_conversation
+
+from .world import CAPTION_REQUEST as CAPTION_INSTRUCTION  # the same words as in the pretraining corpus
+
+
+@dataclass
+class Record:
+    image: Path
+    messages: list[dict]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str):
+        self.skipped[reason] += 1
+
+    def summary(self) -> str:
+        bad = sum(self.skipped.values())
+        reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) or "none"
+        return f"kept {self.kept} records, skipped {bad} ({reasons})"
+
+    def check(self, what: str, max_bad_fraction: float = 0.5):
+        total = self.kept + sum(self.skipped.values())
+        if total == 0 or self.kept == 0 or sum(self.skipped.values()) / total > max_bad_fraction:
+            raise ValueError(f"{what}: too many malformed records – {self.summary()}. Check the data paths.")
+
+
+def caption_messages(caption: str) -> list[dict]:
+    return [user_message(CAPTION_INSTRUCTION, with_image=True), {"role": "assistant", "content": caption.strip()}]
+
+
+def read_coco_captions(annotation_file: str | Path, image_dir: str | Path,
+                       limit: int | None = None) -> tuple[list[Record], LoadReport]:
+    data = json.loads(Path(annotation_file).read_text())
+    files = {img["id"]: img["file_name"] for img in data.get("images", [])}
+    records, report = [], LoadReport()
+    for ann in data.get("annotations", []):
+        if limit is not None and report.kept >= limit:
+            break
+        name = files.get(ann.get("image_id"))
+        text = (ann.get("caption") or "").strip()
+        if name is None:
+            report.skip("without image entry")
+            continue
+        if not text:
+            report.skip("with empty caption")
+            continue
+        path = Path(image_dir) / name
+        if not path.exists():
+            report.skip("with missing image file")
+            continue
+        records.append(Record(path, caption_messages(text), {"image_id": ann["image_id"]}))
+        report.kept += 1
+    report.check(f"COCO captions {annotation_file}")
+    return records, report
+
+
+def read_llava_instruct(json_file: str | Path, image_dir: str | Path,
+                        limit: int | None = None) -> tuple[list[Record], LoadReport]:
+    data = json.loads(Path(json_file).read_text())
+    records, report = [], LoadReport()
+    for row in data:
+        if limit is not None and report.kept >= limit:
+            break
+        if "image" not in row:
+            report.skip("without image")
+            continue
+        path = Path(image_dir) / row["image"]
+        if not path.exists():
+            report.skip("with missing image file")
+            continue
+        try:
+            messages = from_llava(row.get("conversations") or [])
+        except ValueError:
+            report.skip("with unknown speaker")
+            continue
+        if not any(m["role"] == "assistant" and (m["content"] or "").strip() for m in messages):
+            report.skip("without an answer")
+            continue
+        # LLaVA puts <image> first or last in the first human turn; normalise to the front, once
+        first = messages[0]["content"].replace(IMAGE_TOKEN, "").strip()
+        messages[0] = user_message(first, with_image=True)
+        for m in messages[1:]:
+            m["content"] = m["content"].replace(IMAGE_TOKEN, "").strip()
+        records.append(Record(path, messages, {"id": row.get("id"), "types": row.get("question_types")}))
+        report.kept += 1
+    report.check(f"LLaVA instruct {json_file}")
+    return records, report
+
+
+class ConversationDataset(Dataset):
+    """Encoded conversations paired with each image's cached vision features (row `feature_index[path]`)."""
+
+    def __init__(self, records: list[Record], tok, image_seq_length: int, max_length: int, features=None,
+                 feature_index: dict | None = None):
+        self.examples, self.report = [], LoadReport()
+        for r in records:
+            enc = encode_conversation(tok, r.messages, image_seq_length, max_length)
+            if enc is None:
+                self.report.skip("over the context length")
+                continue
+            if features is not None:
+                enc["vision_features"] = features[feature_index[str(r.image)]]
+            self.examples.append(enc)
+            self.report.kept += 1
+        self.report.check("conversation encoding")
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]

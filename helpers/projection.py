@@ -1,0 +1,87 @@
+"""Stage 02: frozen vision tower -> trainable projector -> frozen LLM, trained on image captions.
+
+Because the vision tower is frozen, its features never change: they are computed once, cached in a safetensors
+file and the projector trains from the cache (the earlier capstones ran CLIP at every step). The forward pass is
+LLaVA's own: projected features are handed to ``LlavaForConditionalGeneration`` as ``mm_encoder_outputs``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .encoding import PadCollator
+from .modeling import assemble_llava, count_parameters, freeze
+from .multimodal_data import ConversationDataset
+from .training import CachedFeatureTrainer, bf16_supported, training_arguments
+from .vision import cache_features, load_vision_tower
+
+
+def llm_dtype() -> torch.dtype:
+    """bf16 where the GPU supports it; fp32 otherwise (fp16 overflows in Phi attention)."""
+    return torch.bfloat16 if bf16_supported() else torch.float32
+
+
+def load_base_lm(profile, paths):
+    from transformers import PhiForCausalLM
+
+    source = profile.llm_checkpoint or paths.base_lm
+    if not profile.llm_checkpoint and not (paths.base_lm / "config.json").exists():
+        raise FileNotFoundError(f"No base LM at {paths.base_lm}: run 01_pretrain_phi.ipynb first "
+                                "(or helpers.stages.ensure_base_lm).")
+    lm = PhiForCausalLM.from_pretrained(str(source), dtype=llm_dtype())
+    return lm.to("cuda") if torch.cuda.is_available() else lm
+
+
+def build_projection_model(profile, paths, tok):
+    """LLaVA assembled from the frozen base LM and vision tower; only the projector requires grad."""
+    lm = load_base_lm(profile, paths)
+    tower, processor = load_vision_tower(profile, paths)
+    tower = tower.to(lm.device)
+    model = assemble_llava(lm, tower, tok, profile, seed=profile.seed).to(lm.device)
+    freeze(model)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if profile.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    total, trainable = count_parameters(model)
+    print(f"LLaVA model: {total:,} parameters, {trainable:,} trainable (projector only)")
+    return model, processor
+
+
+def feature_table(tower, processor, records, layer: int, cache_file):
+    """Cached vision features for the distinct images of `records` and a path -> row index."""
+    paths = list(dict.fromkeys(str(r.image) for r in records))
+    features = cache_features(tower, processor, paths, layer, cache_file)
+    return features, {p: i for i, p in enumerate(paths)}
+
+
+def make_dataset(records, tok, profile, features, index, spec):
+    return ConversationDataset(records, tok, profile.image_seq_length, spec.max_length, features, index)
+
+
+def train_projector(model, dataset, tok, profile, paths, callbacks=None, **overrides):
+    args = training_arguments(profile.projection, paths.stage_dir("02_projection") / "trainer", profile.seed,
+                              n_examples=len(dataset), **overrides)
+    trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
+                                   data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+@torch.no_grad()
+def mean_conversation_loss(model, dataset, tok, batch_size: int = 64, use_pixels=None) -> float:
+    """Answer-token-weighted loss on `dataset` through the cached-feature path."""
+    from .training import project_cached_features
+
+    model.eval()
+    collate = PadCollator(tok.pad_token_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(dataset), batch_size):
+        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        features = batch.pop("vision_features")
+        out = model(**batch, mm_encoder_outputs=project_cached_features(model, features))
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(out.loss) * n
+        count += n
+    return total / count

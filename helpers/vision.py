@@ -1,0 +1,135 @@
+"""The vision tower: openai/clip-vit-base-patch32 (full) or a small CLIP trained contrastively offline (tiny).
+
+No pretrained CLIP can be downloaded offline, so the tiny profile trains a small ``CLIPModel`` (same
+architecture, fewer/narrower layers) with CLIP's own objective – matching images and their captions in a batch –
+on the synthetic world's COCO-format captions. Only its vision half is kept and frozen from then on.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .modeling import image_processor, new_clip, vision_features, vision_tower_from_clip
+from .training import training_arguments
+
+
+class CaptionImagePairs(Dataset):
+    def __init__(self, pairs: list[tuple[str, str]], pixel_cache: dict[str, torch.Tensor], tok, max_length: int):
+        self.pairs, self.pixels, self.tok, self.max_length = pairs, pixel_cache, tok, max_length
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        image_path, text = self.pairs[i]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"][: self.max_length - 1] + [self.tok.eos_token_id]
+        return {"input_ids": ids, "pixel_values": self.pixels[image_path]}
+
+
+class ClipCollator:
+    """Pads captions; CLIP's text tower pools at the *first* EOS, so padding with EOS (= pad) is harmless."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, examples):
+        longest = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), longest), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(examples):
+            ids[i, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
+            mask[i, : len(e["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "return_loss": True,
+                "pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+
+
+def load_pixels(paths: list[str], processor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    out = {}
+    unique = list(dict.fromkeys(paths))
+    for i in range(0, len(unique), batch_size):
+        chunk = unique[i: i + batch_size]
+        images = [Image.open(p).convert("RGB") for p in chunk]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        out.update(zip(chunk, pixels))
+    return out
+
+
+def train_tiny_clip(profile, paths, tok, pairs: list[tuple[str, str]], callbacks=None):
+    """Contrastive training of a small CLIP on (image path, caption) pairs. Returns (trainer, clip)."""
+    from transformers import Trainer
+
+    processor = image_processor(profile.vision)
+    pixels = load_pixels([p for p, _ in pairs], processor)
+    clip = new_clip(profile.vision, tok, profile.clip.max_length, seed=profile.seed)
+    args = training_arguments(profile.clip, paths.stage_dir("vision_tower") / "trainer", profile.seed,
+                              n_examples=len(pairs))
+    dataset = CaptionImagePairs(pairs, pixels, tok, profile.clip.max_length)
+    trainer = Trainer(model=clip, args=args, train_dataset=dataset, data_collator=ClipCollator(tok.pad_token_id),
+                      callbacks=callbacks)
+    trainer.train()
+    return trainer, clip
+
+
+@torch.no_grad()
+def retrieval_accuracy(clip, tok, pairs: list[tuple[str, str]], processor, batch: int = 64) -> float:
+    """Image->caption top-1 accuracy within batches of `batch` held-out pairs (chance = 1/batch)."""
+    clip.eval()
+    hits, total = 0, 0
+    for i in range(0, len(pairs) - batch + 1, batch):
+        chunk = pairs[i: i + batch]
+        pixels = torch.stack(list(load_pixels([p for p, _ in chunk], processor).values()))
+        enc = ClipCollator(tok.pad_token_id)([{"input_ids": tok(c, add_special_tokens=False)["input_ids"]
+                                               + [tok.eos_token_id], "pixel_values": pixels[0]} for _, c in chunk])
+        out = clip(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels)
+        hits += int((out.logits_per_image.argmax(-1) == torch.arange(len(chunk))).sum())
+        total += len(chunk)
+    return hits / max(total, 1)
+
+
+def load_vision_tower(profile, paths):
+    """The frozen vision tower of the course (CLIPVisionModel) and its image processor."""
+    from transformers import CLIPVisionModel
+
+    source = profile.clip_checkpoint or paths.clip
+    tower = CLIPVisionModel.from_pretrained(str(source))
+    tower.requires_grad_(False).eval()
+    return tower, image_processor(profile.vision)
+
+
+def save_vision_tower(clip, profile, paths):
+    tower = vision_tower_from_clip(clip)
+    tower.save_pretrained(paths.clip)
+    image_processor(profile.vision).save_pretrained(paths.clip)
+    return tower
+
+
+@torch.no_grad()
+def cache_features(tower, processor, image_paths: list[str], layer: int, cache_file, batch_size: int = 128,
+                   progress: bool = True) -> torch.Tensor:
+    """Vision features for every image, computed once and kept in a safetensors file (CLS dropped).
+
+    The cache is keyed by the images, the tower's config and weights and the layer; a stale cache is never reused.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    weights = sum(float(p.double().sum()) for p in tower.parameters())  # a stale tower must not reuse a cache
+    fingerprint = f"{tower.config.to_json_string()}|{layer}|{weights:.10e}|" + "\n".join(map(str, image_paths))
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    cache_file = cache_file.with_name(f"{cache_file.stem}-{key}.safetensors")
+    if cache_file.exists():
+        return load_file(cache_file)["features"]
+    device = next(tower.parameters()).device
+    dtype = next(tower.parameters()).dtype
+    chunks = []
+    for i in tqdm(range(0, len(image_paths), batch_size), desc="caching vision features", disable=not progress):
+        images = [Image.open(p).convert("RGB") for p in image_paths[i: i + batch_size]]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
+        chunks.append(vision_features(tower, pixels, layer).float().cpu())
+    features = torch.cat(chunks)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": features.half() if features.shape[-1] >= 512 else features}, str(cache_file))
+    return load_file(cache_file)["features"]

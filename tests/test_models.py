@@ -1,0 +1,124 @@
+"""The assembled LLaVA: bias folding, cached-feature path, 4-bit loading, checkpoint round-trips."""
+import pytest
+import torch
+from PIL import Image
+
+from helpers.chat_template import user_message
+from helpers.encoding import PadCollator, encode_conversation
+from helpers.modeling import fold_lm_head_bias, new_phi_lm, vision_features
+from helpers.training import project_cached_features
+
+MESSAGES = [user_message("What colour is the square?", with_image=True), {"role": "assistant", "content": "red"}]
+
+
+def _batch(tok, processor, profile, n=3):
+    images = [Image.new("RGB", (64, 64), (40 * i, 200 - 40 * i, 90)) for i in range(n)]
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    examples = [encode_conversation(tok, MESSAGES, profile.image_seq_length) for _ in range(n)]
+    return PadCollator(tok.pad_token_id)(examples), pixels
+
+
+def test_lm_head_bias_is_folded_exactly(tok, profile):
+    lm = new_phi_lm(profile.phi, tok, seed=5)
+    with torch.no_grad():
+        lm.lm_head.bias.normal_(0, 1.0)
+        lm.model.final_layernorm.bias.normal_(0, 0.5)
+        lm.model.final_layernorm.weight.uniform_(0.5, 1.5)
+    ids = torch.randint(0, len(tok), (2, 12))
+    hidden = lm.model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        folded = hidden @ fold_lm_head_bias(lm).T
+        assert torch.allclose(folded, lm(input_ids=ids).logits, atol=1e-4)
+
+
+def test_assembled_llava_text_path_equals_the_phi_lm(tok, profile):
+    from helpers.modeling import assemble_llava
+    from transformers import CLIPVisionModel
+    from helpers.modeling import clip_vision_config
+
+    lm = new_phi_lm(profile.phi, tok, seed=6)
+    with torch.no_grad():
+        lm.lm_head.bias.normal_(0, 0.5)
+        lm.model.final_layernorm.bias.normal_(0, 0.5)
+    ids = torch.randint(0, len(tok) - 1, (2, 10))
+    expected = lm(input_ids=ids).logits.detach()
+    llava = assemble_llava(lm, CLIPVisionModel(clip_vision_config(profile.vision)), tok, profile)
+    assert torch.allclose(llava(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_cached_features_give_the_same_loss_as_running_the_vision_tower(llava, tok, processor, profile):
+    batch, pixels = _batch(tok, processor, profile)
+    with torch.no_grad():
+        on_the_fly = llava(**batch, pixel_values=pixels).loss
+        cached = vision_features(llava.model.vision_tower, pixels, profile.vision_feature_layer)
+        from_cache = llava(**batch, mm_encoder_outputs=project_cached_features(llava, cached)).loss
+    assert torch.isfinite(on_the_fly)
+    assert torch.allclose(on_the_fly, from_cache, atol=1e-6)
+
+
+def test_feature_cache_round_trips_through_safetensors(llava, processor, world, tmp_path, profile):
+    from helpers.vision import cache_features
+
+    paths = sorted(str(p) for p in world.images("val").iterdir())[:5]
+    first = cache_features(llava.model.vision_tower, processor.image_processor, paths, -2, tmp_path / "f",
+                           progress=False)
+    again = cache_features(llava.model.vision_tower, processor.image_processor, paths, -2, tmp_path / "f",
+                           progress=False)
+    assert first.shape == (5, profile.image_seq_length, profile.vision.hidden_size)
+    assert torch.equal(first, again)
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_checkpoint_reloads_with_stock_transformers_and_same_logits(llava, saved_llava, tok, processor, profile):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(saved_llava).eval()
+    proc = AutoProcessor.from_pretrained(saved_llava)
+    assert type(reloaded).__name__ == "LlavaForConditionalGeneration"
+    batch, pixels = _batch(tok, processor, profile)
+    with torch.no_grad():
+        a = llava(**batch, pixel_values=pixels).logits
+        b = reloaded(**batch, pixel_values=pixels).logits
+    assert torch.equal(a, b)
+    assert proc.tokenizer.chat_template == tok.chat_template
+    assert proc.tokenizer.pad_token_id == proc.tokenizer.eos_token_id
+
+
+def test_4bit_load_quantizes_only_the_language_model(saved_llava):
+    import bitsandbytes as bnb
+
+    from helpers.instruct import load_4bit_llava, quantized_module_names
+
+    model = load_4bit_llava(saved_llava)
+    names = quantized_module_names(model)
+    assert names, "nothing was quantized"
+    assert all(n.startswith("model.language_model.") for n in names)
+    for part in (model.model.vision_tower, model.model.multi_modal_projector, model.lm_head):
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in part.modules())
+        assert all(p.dtype == torch.float32 for p in part.parameters())
+    assert model.model.language_model.layers[0].mlp.fc1.weight.quant_state.quant_type == "nf4"
+
+
+def test_lora_targets_the_llm_and_trains_the_projector_in_full_precision(saved_llava, profile):
+    from helpers.instruct import add_lora, load_4bit_llava
+
+    model = add_lora(load_4bit_llava(saved_llava), profile)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    assert not any("multi_modal_projector" in n and "lora" in n for n in trainable)
+    projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n and p.requires_grad]
+    assert projector and all(p.dtype == torch.float32 for p in projector)
+
+
+def test_generation_stops_at_eos(llava, tok, processor):
+    from helpers.inference import generate_answers
+
+    with torch.no_grad():
+        llava.lm_head.weight[tok.eos_token_id] += 1000.0  # make EOS certain
+        try:
+            (text, ended), = generate_answers(llava, processor, [Image.new("RGB", (64, 64))],
+                                             ["USER: <image>\nHi ASSISTANT:"], max_new_tokens=8)
+        finally:
+            llava.lm_head.weight[tok.eos_token_id] -= 1000.0
+    assert ended and text == ""
