@@ -27,7 +27,7 @@ class WorldSpec:
 
     seed: int = 0
     image_size: int = 64
-    n_train_images: int = 2400
+    n_train_images: int = 4000
     n_heldout_images: int = 300
     n_corpus_scenes: int = 6000
     turns_per_conversation: int = 3
@@ -140,7 +140,7 @@ TINY = Profile(
         num_hidden_layers=3,
         num_attention_heads=4,
         image_size=64,
-        patch_size=16,
+        patch_size=32,
         projection_dim=64,
     ),
     world=WorldSpec(),
@@ -153,11 +153,11 @@ TINY = Profile(
         max_position_embeddings=256,
         vocab_size=512,
     ),
-    pretrain=StageSpec(learning_rate=2e-3, batch_size=32, max_steps=250, logging_steps=10),
-    pretrain_block_size=128,
+    pretrain=StageSpec(learning_rate=2e-3, batch_size=16, max_steps=250, logging_steps=10),
+    pretrain_block_size=256,
     clip=StageSpec(learning_rate=2e-3, batch_size=128, max_steps=200, logging_steps=10, max_length=48),
-    projection=StageSpec(learning_rate=2e-3, batch_size=32, epochs=3.0, logging_steps=10, max_length=128),
-    instruct=StageSpec(learning_rate=2e-3, batch_size=32, epochs=3.0, logging_steps=10, max_length=160),
+    projection=StageSpec(learning_rate=2e-3, batch_size=32, epochs=1.0, logging_steps=10, max_length=128),
+    instruct=StageSpec(learning_rate=2e-3, batch_size=8, epochs=4.0, logging_steps=50, max_length=160),
     projector_learning_rate=1e-3,
     lora_r=32,
     lora_alpha=64,

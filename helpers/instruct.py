@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .encoding import PadCollator
-from .training import CachedFeatureTrainer, bf16_supported, training_arguments
+from .training import CachedFeatureTrainer, bf16_supported, train, training_arguments
 
 SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|dense|fc1|fc2)"
@@ -27,7 +27,7 @@ def quantization_config():
 def load_4bit_llava(checkpoint):
     from transformers import LlavaForConditionalGeneration
 
-    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     model = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), quantization_config=quantization_config(),
                                                           device_map=device_map)
     model.model.multi_modal_projector.float()
@@ -48,7 +48,9 @@ def add_lora(model, profile):
     config = LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
                         target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"], bias="none",
                         task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):  # LoRA's random init (lora_A) is seeded: reruns are reproducible
+        torch.manual_seed(profile.seed)
+        peft_model = get_peft_model(model, config)
     # vision tower stays frozen and the projector's trainable copy stays in fp32
     for name, p in peft_model.named_parameters():
         if "vision_tower" in name:
@@ -56,14 +58,34 @@ def add_lora(model, profile):
     return peft_model
 
 
-def train_instruct(model, dataset, tok, profile, paths, callbacks=None, **overrides):
+def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
+                   **overrides):
+    """QLoRA training. Checkpoints hold the LoRA adapters and the projector's trainable copy
+    (adapter_model.safetensors) plus optimizer/scheduler/RNG state; `resume` as in ``helpers.training.train``."""
     args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
-                              n_examples=len(dataset), **overrides)
+                              n_examples=len(dataset), save_steps=save_steps, **overrides)
     trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
                                    data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks,
                                    projector_learning_rate=profile.projector_learning_rate)
-    trainer.train()
+    train(trainer, resume)
     return trainer
+
+
+@torch.no_grad()
+def effective_weight(layer) -> torch.Tensor:
+    """The weight a (possibly 4-bit) linear layer really multiplies by: its output for the identity matrix.
+
+    Independent of bitsandbytes' storage layout: on CPU, bitsandbytes >= 0.49 repacks a 4-bit weight on its first
+    forward (``weight.data`` becomes ``[out, in / 2]``) and ``dequantize_4bit`` on the repacked data returns wrong
+    numbers, which made the merged export answer at chance after the held-out evaluation had run."""
+    weight = layer.weight
+    if not hasattr(weight, "quant_state"):
+        return weight.data
+    dtype = getattr(layer, "compute_dtype", None) or torch.float32
+    out = layer(torch.eye(layer.in_features, device=weight.device, dtype=dtype))
+    if layer.bias is not None:
+        out = out - layer.bias.to(out.dtype)
+    return out.T
 
 
 @torch.no_grad()
@@ -73,7 +95,6 @@ def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype=torch.f
     Each quantized weight is dequantized (the values the adapters were trained against) and its LoRA delta
     added; the trained projector copy replaces the original. The result loads with stock transformers.
     """
-    import bitsandbytes.functional as bnbf
     from peft.tuners.lora import LoraLayer
     from transformers import LlavaForConditionalGeneration
 
@@ -83,9 +104,7 @@ def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype=torch.f
         if not isinstance(module, LoraLayer):
             continue
         base = module.get_base_layer()
-        weight = base.weight
-        if hasattr(weight, "quant_state"):
-            weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        weight = effective_weight(base)
         delta = module.get_delta_weight("default")
         target = merged.get_submodule(name)
         target.weight.copy_((weight.float() + delta.float()).to(dtype).cpu())

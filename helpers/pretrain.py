@@ -17,48 +17,71 @@ from .training import training_arguments
 
 
 class PackedBlocks(Dataset):
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    def __init__(self, blocks: torch.Tensor, mask: torch.Tensor):
+        self.blocks, self.mask = blocks, mask
 
     def __len__(self):
         return len(self.blocks)
 
     def __getitem__(self, i):
-        ids = self.blocks[i]
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        ids, mask = self.blocks[i], self.mask[i]
+        labels = ids.masked_fill(mask == 0, -100)  # padding found by the mask: pad == EOS in Phi-2
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def pack_documents(tok, documents: list[str], block_size: int) -> torch.Tensor:
-    """Tokenize, append EOS where a document lacks it, concatenate, cut into ``block_size`` blocks."""
-    stream: list[int] = []
+def pack_documents(tok, documents: list[str], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack whole documents (each closed by EOS) greedily into blocks of ``block_size`` tokens.
+
+    A document is never cut across two blocks unless it is longer than a block by itself, so questions always
+    see the description they refer to. The tail of a block is padding: its attention mask is 0 and the loss
+    ignores it. Returns (ids, attention mask), both ``[n_blocks, block_size]``.
+    """
+    blocks, current = [], []
     for doc in documents:
         ids = tok(doc, add_special_tokens=False)["input_ids"]
         if not ids or ids[-1] != tok.eos_token_id:
             ids.append(tok.eos_token_id)
-        stream.extend(ids)
-    n = len(stream) // block_size
-    if n == 0:
-        raise ValueError(f"not enough text for one block of {block_size} tokens ({len(stream)} tokens)")
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+        if len(current) + len(ids) > block_size and current:
+            blocks.append(current)
+            current = []
+        while len(ids) > block_size:
+            blocks.append(ids[:block_size])
+            ids = ids[block_size:]
+        current = current + ids
+    if current:
+        blocks.append(current)
+    if not blocks:
+        raise ValueError("no text to pretrain on")
+    ids = torch.full((len(blocks), block_size), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(blocks), block_size), dtype=torch.long)
+    for i, b in enumerate(blocks):
+        ids[i, : len(b)] = torch.tensor(b)
+        mask[i, : len(b)] = 1
+    return ids, mask
 
 
-def split_blocks(blocks: torch.Tensor, heldout_fraction: float = 0.05, seed: int = 0):
+def split_blocks(packed: tuple[torch.Tensor, torch.Tensor], heldout_fraction: float = 0.05, seed: int = 0):
+    """Random (train, held-out) split of packed blocks; each part is an (ids, mask) pair."""
+    blocks, mask = packed
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=g)
     n_eval = max(1, int(len(blocks) * heldout_fraction))
-    return blocks[order[n_eval:]], blocks[order[:n_eval]]
+    train, held = order[n_eval:], order[:n_eval]
+    return (blocks[train], mask[train]), (blocks[held], mask[held])
 
 
 @torch.no_grad()
-def mean_loss(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
-    """Token-weighted mean next-token cross-entropy of `model` on `blocks` (nats/token)."""
+def mean_loss(model, packed: tuple[torch.Tensor, torch.Tensor], batch_size: int = 32) -> float:
+    """Token-weighted mean next-token cross-entropy of `model` on packed blocks (nats/token), padding excluded."""
     model.eval()
     device = next(model.parameters()).device
+    dataset = PackedBlocks(*packed)
     total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i: i + batch_size].to(device)
-        out = model(input_ids=ids, labels=ids)
-        n = ids.numel() - ids.shape[0]  # targets per block: length - 1
+    for i in range(0, len(dataset), batch_size):
+        rows = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+        batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+        out = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(out.loss) * n
         count += n
     return total / count
@@ -81,18 +104,21 @@ def load_text_documents(profile, paths) -> list[str]:
     return [row["text"] for row in ds if row["text"].strip()]
 
 
-def pretrain(profile, paths, tok, documents: list[str], callbacks=None):
-    """Train a fresh Phi LM on `documents`; returns (trainer, model, held-out blocks, initial loss)."""
-    from transformers import Trainer
+def pretrain(profile, paths, tok, documents: list[str], callbacks=None, resume=None, save_steps=None):
+    """Train a fresh Phi LM on `documents`; returns (trainer, model, held-out blocks, initial loss).
 
-    blocks = pack_documents(tok, documents, profile.pretrain_block_size)
-    train_blocks, heldout = split_blocks(blocks, seed=profile.seed)
+    Checkpoints go to ``<stage>/trainer/checkpoint-<step>`` every `save_steps` (default: every 25 % of the run);
+    `resume` (default: automatically from the latest valid one) is explained in ``helpers.training.train``."""
+    from .training import CourseTrainer, train
+
+    packed = pack_documents(tok, documents, profile.pretrain_block_size)
+    train_blocks, heldout = split_blocks(packed, seed=profile.seed)
     model = new_phi_lm(profile.pretrain_phi, tok, seed=profile.seed)
     initial = mean_loss(model, heldout)
     args = training_arguments(profile.pretrain, paths.stage_dir("01_pretrain") / "trainer", profile.seed,
-                              n_examples=len(train_blocks))
-    trainer = Trainer(model=model, args=args, train_dataset=PackedBlocks(train_blocks), callbacks=callbacks)
-    trainer.train()
+                              n_examples=len(train_blocks[0]), save_steps=save_steps)
+    trainer = CourseTrainer(model=model, args=args, train_dataset=PackedBlocks(*train_blocks), callbacks=callbacks)
+    train(trainer, resume)
     return trainer, model, heldout, initial
 
 

@@ -11,7 +11,7 @@ import torch
 from .encoding import PadCollator
 from .modeling import assemble_llava, count_parameters, freeze
 from .multimodal_data import ConversationDataset
-from .training import CachedFeatureTrainer, bf16_supported, training_arguments
+from .training import CachedFeatureTrainer, bf16_supported, train, training_arguments
 from .vision import cache_features, load_vision_tower
 
 
@@ -48,22 +48,29 @@ def build_projection_model(profile, paths, tok):
 
 
 def feature_table(tower, processor, records, layer: int, cache_file):
-    """Cached vision features for the distinct images of `records` and a path -> row index."""
+    """Cached vision features for the distinct images of `records` and a path -> row index.
+
+    Images that cannot be decoded are left out of the index (their records are then skipped and counted by
+    ``ConversationDataset``)."""
     paths = list(dict.fromkeys(str(r.image) for r in records))
-    features = cache_features(tower, processor, paths, layer, cache_file)
-    return features, {p: i for i, p in enumerate(paths)}
+    unreadable = []
+    features = cache_features(tower, processor, paths, layer, cache_file, unreadable=unreadable)
+    bad = set(unreadable)
+    return features, {p: i for i, p in enumerate(paths) if p not in bad}
 
 
 def make_dataset(records, tok, profile, features, index, spec):
     return ConversationDataset(records, tok, profile.image_seq_length, spec.max_length, features, index)
 
 
-def train_projector(model, dataset, tok, profile, paths, callbacks=None, **overrides):
+def train_projector(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
+                    **overrides):
+    """Train the projector; checkpoints (projector weights only) and `resume` as in ``helpers.training.train``."""
     args = training_arguments(profile.projection, paths.stage_dir("02_projection") / "trainer", profile.seed,
-                              n_examples=len(dataset), **overrides)
+                              n_examples=len(dataset), save_steps=save_steps, **overrides)
     trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
                                    data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks)
-    trainer.train()
+    train(trainer, resume)
     return trainer
 
 

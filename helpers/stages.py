@@ -24,6 +24,11 @@ def _notice(text: str):
     print(f"NOTICE: {text}")
 
 
+# Every training stage checkpoints into <output>/<profile>/<stage>/trainer/checkpoint-<step> (every 25 % of its steps
+# unless save_steps says otherwise; 0 = never) and by default resumes from the latest valid checkpoint made with the
+# same settings (resume=False: start afresh; a path: that checkpoint). See helpers.checkpointing.
+
+
 # ------------------------------------------------------------------------------------------------ data
 def ensure_world(profile, paths: Paths):
     """Tiny: the synthetic world's files (generated once). Full: None (data comes from the Hub)."""
@@ -41,8 +46,15 @@ def ensure_tokenizer(profile, paths: Paths):
         return load_tokenizer(profile.tokenizer_checkpoint)
     if (paths.tokenizer / "tokenizer.json").exists():
         return load_tokenizer(paths.tokenizer)
+    # tiny: the pretraining corpus plus the training conversations as the chat template renders them, so the
+    # text around <image> ("\nWhat ...") is tokenized as in training
+    from .chat_template import render
+    from .pretrain import read_corpus
+
     world = ensure_world(profile, paths)
-    return train_bpe_tokenizer(world.corpus, vocab_size=min(400, profile.phi.vocab_size), out_dir=paths.tokenizer)
+    train, _ = instruct_records(profile, paths, "train")
+    texts = read_corpus(world.corpus) + [render(r.messages) for r in train]
+    return train_bpe_tokenizer(texts, vocab_size=min(400, profile.phi.vocab_size), out_dir=paths.tokenizer)
 
 
 def caption_records(profile, paths, split: str):
@@ -70,7 +82,7 @@ def instruct_records(profile, paths, split: str):
 
 
 # --------------------------------------------------------------------------------------------- stage 01
-def pretrain_stage(profile, paths: Paths) -> StageResult:
+def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
     from .pretrain import load_text_documents, mean_loss, pretrain, uniform_loss
     from .training import loss_history, set_cpu_threads
 
@@ -78,13 +90,15 @@ def pretrain_stage(profile, paths: Paths) -> StageResult:
     start = time.perf_counter()
     tok = ensure_tokenizer(profile, paths)
     documents = load_text_documents(profile, paths)
-    trainer, model, heldout, initial = pretrain(profile, paths, tok, documents)
+    trainer, model, heldout, initial = pretrain(profile, paths, tok, documents, resume=resume, save_steps=save_steps)
+    if not trainer.is_world_process_zero():  # several processes (accelerate launch): rank 0 reports and saves
+        return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
     final = mean_loss(model, heldout)
     metrics = {"initial_heldout_loss": initial, "final_heldout_loss": final,
                "uniform_loss": uniform_loss(model.config.vocab_size),
                "target_loss": initial - 1.0, "reached_target": final <= initial - 1.0,
                "steps": trainer.state.global_step, "n_documents": len(documents),
-               "n_heldout_blocks": len(heldout), "block_size": profile.pretrain_block_size,
+               "n_heldout_blocks": len(heldout[0]), "block_size": profile.pretrain_block_size,
                "parameters": sum(p.numel() for p in model.parameters())}
     if profile.llm_checkpoint:  # full: Phi-2's own loss on the very same held-out blocks
         from transformers import AutoModelForCausalLM
@@ -113,7 +127,7 @@ def ensure_base_lm(profile, paths: Paths):
 
 
 # ------------------------------------------------------------------------------------------ vision tower
-def vision_tower_stage(profile, paths: Paths) -> StageResult:
+def vision_tower_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
     """Tiny: train a small CLIP contrastively on the training captions. Full: nothing to do (downloaded)."""
     if profile.clip_checkpoint:
         return StageResult({"vision_tower": profile.clip_checkpoint})
@@ -128,7 +142,7 @@ def vision_tower_stage(profile, paths: Paths) -> StageResult:
     val, _ = caption_records(profile, paths, "val")
     pairs = [(str(r.image), r.messages[1]["content"]) for r in train]
     val_pairs = [(str(r.image), r.messages[1]["content"]) for r in val]
-    trainer, clip = train_tiny_clip(profile, paths, tok, pairs)
+    trainer, clip = train_tiny_clip(profile, paths, tok, pairs, resume=resume, save_steps=save_steps)
     save_vision_tower(clip, profile, paths)
     metrics = {"heldout_retrieval_top1_batch64": retrieval_accuracy(clip, tok, val_pairs,
                                                                     image_processor(profile.vision)),
@@ -137,14 +151,26 @@ def vision_tower_stage(profile, paths: Paths) -> StageResult:
     return StageResult(metrics, {"contrastive loss": loss_history(trainer)})
 
 
+def _vision_matches(saved: dict, spec) -> bool:
+    keys = ("image_size", "patch_size", "hidden_size", "num_hidden_layers")
+    return all(saved.get(k) == getattr(spec, k) for k in keys)
+
+
 def ensure_vision_tower(profile, paths: Paths):
-    if not profile.clip_checkpoint and not (paths.clip / "config.json").exists():
+    if profile.clip_checkpoint:
+        return
+    config = paths.clip / "config.json"
+    if not config.exists():
         _notice(f"no vision tower at {paths.clip}: training the tiny CLIP now.")
-        vision_tower_stage(profile, paths)
+    elif not _vision_matches(json.loads(config.read_text()), profile.vision):
+        _notice(f"the vision tower at {paths.clip} was built for other settings: retraining it.")
+    else:
+        return
+    vision_tower_stage(profile, paths)
 
 
 # --------------------------------------------------------------------------------------------- stage 02
-def projection_stage(profile, paths: Paths) -> StageResult:
+def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
     from .inference import generate_answers
     from .chat_template import prompt_for_next_answer
     from .multimodal_data import CAPTION_INSTRUCTION
@@ -168,7 +194,9 @@ def projection_stage(profile, paths: Paths) -> StageResult:
     dataset = make_dataset(train, tok, profile, feats, index, profile.projection)
     val_dataset = make_dataset(val, tok, profile, vfeats, vindex, profile.projection)
     initial = mean_conversation_loss(model, val_dataset, tok)
-    trainer = train_projector(model, dataset, tok, profile, paths)
+    trainer = train_projector(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps)
+    if not trainer.is_world_process_zero():
+        return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
     final = mean_conversation_loss(model, val_dataset, tok)
 
     from .modeling import make_processor
@@ -200,14 +228,19 @@ def projection_stage(profile, paths: Paths) -> StageResult:
 
 
 def ensure_projection(profile, paths: Paths):
-    if not (paths.projection / "config.json").exists():
+    config = paths.projection / "config.json"
+    if not config.exists():
         _notice(f"no stage-02 checkpoint at {paths.projection}: running stage 02 now.")
-        projection_stage(profile, paths)
+    elif not _vision_matches(json.loads(config.read_text())["vision_config"], profile.vision):
+        _notice(f"the stage-02 checkpoint at {paths.projection} was built for other settings: rerunning stage 02.")
+    else:
+        return paths.projection
+    projection_stage(profile, paths)
     return paths.projection
 
 
 # --------------------------------------------------------------------------------------------- stage 03
-def instruct_stage(profile, paths: Paths) -> StageResult:
+def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
     from transformers import AutoProcessor
 
     from .inference import evaluate_conversations
@@ -234,7 +267,9 @@ def instruct_stage(profile, paths: Paths) -> StageResult:
     total, trainable = count_parameters(model)
     print(f"{n_quantized} linear layers in 4-bit nf4; {trainable:,} of {total:,} parameters trainable "
           "(LoRA adapters + full-precision projector)")
-    trainer = train_instruct(model, dataset, tok, profile, paths)
+    trainer = train_instruct(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps)
+    if not trainer.is_world_process_zero():
+        return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
     train_seconds = time.perf_counter() - start
     model.save_pretrained(paths.instruct / "adapter")  # LoRA adapters + projector (safetensors)
     result = evaluate_conversations(model, processor, val, max_new_tokens=profile.max_new_tokens)

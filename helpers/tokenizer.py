@@ -16,7 +16,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from .chat_template import CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN
 
 
-def train_bpe_tokenizer(corpus_file: str | Path, vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts, vocab_size: int, out_dir: str | Path | None) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` (an iterable of strings, or a path to a text file)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
@@ -24,8 +25,10 @@ def train_bpe_tokenizer(corpus_file: str | Path, vocab_size: int, out_dir: str |
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, IMAGE_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = Path(corpus_file).read_text().replace(EOS_TOKEN, "\n")
-    bpe.train_from_iterator(text.splitlines(), trainer=trainer)
+    if isinstance(texts, (str, Path)):
+        texts = Path(texts).read_text().splitlines()
+    pieces = (piece for text in texts for piece in text.replace(IMAGE_TOKEN, "\n").split(EOS_TOKEN))
+    bpe.train_from_iterator(pieces, trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN,
                                   extra_special_tokens={"image_token": IMAGE_TOKEN})

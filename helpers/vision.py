@@ -6,6 +6,8 @@ on the synthetic world's COCO-format captions. Only its vision half is kept and 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -45,29 +47,36 @@ class ClipCollator:
 
 
 def load_pixels(paths: list[str], processor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Pixel tensors of the distinct images; an image that cannot be decoded is left out (callers skip it)."""
     out = {}
     unique = list(dict.fromkeys(paths))
     for i in range(0, len(unique), batch_size):
-        chunk = unique[i: i + batch_size]
-        images = [Image.open(p).convert("RGB") for p in chunk]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        out.update(zip(chunk, pixels))
+        chunk = [(p, im) for p in unique[i: i + batch_size] if (im := _decoded(p)) is not None]
+        if chunk:
+            pixels = processor(images=[im for _, im in chunk], return_tensors="pt")["pixel_values"]
+            out.update(zip([p for p, _ in chunk], pixels))
     return out
 
 
-def train_tiny_clip(profile, paths, tok, pairs: list[tuple[str, str]], callbacks=None):
-    """Contrastive training of a small CLIP on (image path, caption) pairs. Returns (trainer, clip)."""
-    from transformers import Trainer
+def train_tiny_clip(profile, paths, tok, pairs: list[tuple[str, str]], callbacks=None, resume=None,
+                    save_steps=None):
+    """Contrastive training of a small CLIP on (image path, caption) pairs. Returns (trainer, clip).
+    Checkpoints and `resume` as in ``helpers.training.train``."""
+    from .training import CourseTrainer, train
 
     processor = image_processor(profile.vision)
     pixels = load_pixels([p for p, _ in pairs], processor)
+    kept = [pair for pair in pairs if pair[0] in pixels]
+    if len(kept) < len(pairs):
+        print(f"tiny CLIP: skipped {len(pairs) - len(kept)} caption pairs with an unreadable image", flush=True)
+        pairs = kept
     clip = new_clip(profile.vision, tok, profile.clip.max_length, seed=profile.seed)
     args = training_arguments(profile.clip, paths.stage_dir("vision_tower") / "trainer", profile.seed,
-                              n_examples=len(pairs))
+                              n_examples=len(pairs), save_steps=save_steps)
     dataset = CaptionImagePairs(pairs, pixels, tok, profile.clip.max_length)
-    trainer = Trainer(model=clip, args=args, train_dataset=dataset, data_collator=ClipCollator(tok.pad_token_id),
-                      callbacks=callbacks)
-    trainer.train()
+    trainer = CourseTrainer(model=clip, args=args, train_dataset=dataset,
+                            data_collator=ClipCollator(tok.pad_token_id), callbacks=callbacks)
+    train(trainer, resume)
     return trainer, clip
 
 
@@ -104,16 +113,29 @@ def save_vision_tower(clip, profile, paths):
     return tower
 
 
+def _decoded(path):
+    """The image as RGB, or None when it cannot be decoded (truncated or corrupt file)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        return None
+
+
 @torch.no_grad()
 def cache_features(tower, processor, image_paths: list[str], layer: int, cache_file, batch_size: int = 128,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, unreadable: list | None = None) -> torch.Tensor:
     """Vision features for every image, computed once and kept in a safetensors file (CLS dropped).
 
     The cache is keyed by the images, the tower's config and weights and the layer; a stale cache is never reused.
+    An image that cannot be decoded gets a row of zeros and its path is appended to `unreadable` (also when the
+    cache is reused: the list is stored in the file's metadata); callers must skip it.
     """
+    import json
+
     import hashlib
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     weights = sum(float(p.double().sum()) for p in tower.parameters())  # a stale tower must not reuse a cache
@@ -121,15 +143,53 @@ def cache_features(tower, processor, image_paths: list[str], layer: int, cache_f
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     cache_file = cache_file.with_name(f"{cache_file.stem}-{key}.safetensors")
     if cache_file.exists():
-        return load_file(cache_file)["features"]
+        return _load_cache(cache_file, unreadable)
     device = next(tower.parameters()).device
     dtype = next(tower.parameters()).dtype
-    chunks = []
+    chunks, bad = [], []
     for i in tqdm(range(0, len(image_paths), batch_size), desc="caching vision features", disable=not progress):
-        images = [Image.open(p).convert("RGB") for p in image_paths[i: i + batch_size]]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, dtype)
-        chunks.append(vision_features(tower, pixels, layer).float().cpu())
+        chunk = image_paths[i: i + batch_size]
+        images = [_decoded(p) for p in chunk]
+        bad += [p for p, im in zip(chunk, images) if im is None]
+        good = [im for im in images if im is not None]
+        feats = None
+        if good:
+            pixels = processor(images=good, return_tensors="pt")["pixel_values"].to(device, dtype)
+            feats = vision_features(tower, pixels, layer).float().cpu()
+        if len(good) < len(chunk):  # zero rows for the unreadable images keep the row order
+            if feats is None:
+                feats = _probe_shape(tower, processor, layer, device, dtype)
+            it = iter(feats)
+            rows = [next(it) if im is not None else torch.zeros_like(feats[0]) for im in images]
+            feats = torch.stack(rows)
+        chunks.append(feats)
     features = torch.cat(chunks)
+    if bad:
+        print(f"{len(bad)} of {len(image_paths)} images could not be decoded and are skipped, e.g. {bad[0]}",
+              flush=True)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": features.half() if features.shape[-1] >= 512 else features}, str(cache_file))
-    return load_file(cache_file)["features"]
+    tmp = cache_file.with_name(cache_file.name + ".tmp")
+    save_file({"features": features.half() if features.shape[-1] >= 512 else features}, str(tmp),
+              metadata={"unreadable": json.dumps(bad)})
+    os.replace(tmp, cache_file)  # a half-written cache is never picked up
+    return _load_cache(cache_file, unreadable)
+
+
+def _probe_shape(tower, processor, layer, device, dtype) -> torch.Tensor:
+    """Features of one black image (only their shape is used, for a batch with no readable image)."""
+    size = tower.config.image_size
+    pixels = processor(images=[Image.new("RGB", (size, size))], return_tensors="pt")["pixel_values"]
+    return vision_features(tower, pixels.to(device, dtype), layer).float().cpu()
+
+
+def _load_cache(cache_file, unreadable: list | None) -> torch.Tensor:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(cache_file), "pt") as f:
+        meta = f.metadata() or {}
+        features = f.get_tensor("features")
+    if unreadable is not None:
+        unreadable.extend(json.loads(meta.get("unreadable", "[]")))
+    return features

@@ -15,4 +15,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -q -e ".[audio,demo,dev]"
+# espeak-ng speaks the questions of notebooks 04/05 (offline TTS); apt-get only when missing and running as root
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) \
+      || echo "NOTICE: could not install espeak-ng: notebooks 04/05 will skip spoken questions"
+  else
+    echo "NOTICE: espeak-ng is missing (sudo apt-get install -y espeak-ng): notebooks 04/05 will skip spoken questions"
+  fi
+fi
 .venv/bin/python -c "import torch, transformers, peft, bitsandbytes, helpers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__)"

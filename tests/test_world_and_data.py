@@ -5,7 +5,7 @@ import random
 import pytest
 
 from helpers.multimodal_data import ConversationDataset, read_coco_captions, read_llava_instruct
-from helpers.world import CELLS, COLOURS, Scene, ask, build_world, caption, conversation, sample_scene
+from helpers.world import CELLS, QUESTION_TYPES, Scene, ask, build_world, caption, conversation, sample_scene
 
 
 def test_world_is_deterministic(tmp_path, profile):
@@ -25,25 +25,42 @@ def test_heldout_split_is_disjoint(world):
 
 def test_answers_agree_with_the_scene():
     rng = random.Random(0)
-    for _ in range(300):
+    words = ["zero", "one", "two", "three"]
+    seen = set()
+    for _ in range(400):
         scene = sample_scene(rng)
+        n, c, s = len(scene.things), scene.colour, scene.shape
         for turn in conversation(scene, rng, 3):
             q, a, t = turn["question"], turn["answer"], turn["type"]
-            if t == "count" and q == "How many objects are there?":
-                assert a == ["zero", "one", "two", "three"][len(scene.things)]
-            if t == "position" and "Where is the" in q:
-                thing = next(x for x in scene.things if x.name in q)
-                assert a == thing.cell
-            if t == "yes/no":
-                name = q[len("Is there a "):-1]
-                assert (a == "yes") == any(x.name == name for x in scene.things)
-        assert caption(scene).count(" at the ") == len(scene.things)
+            seen.add(t)
+            if q == "How many objects are there?":
+                assert a == words[n]
+            elif q.startswith("How many ") and q != "And how many are there?":
+                assert a == (words[n] if q[len("How many "):].startswith(s) else "zero")
+            elif t == "colour" or q.startswith("And what colour"):
+                assert a == c
+            elif t == "shape":
+                assert a == s
+            elif q.startswith("Where is"):
+                assert n == 1 and a == scene.things[0].cell
+            elif q == "Which cell is empty?":
+                assert n == 3 and a not in {x.cell for x in scene.things}
+            elif t == "yes/no":
+                tokens = q.rstrip("?").split()
+                if tokens[:2] in (["Is", "the"], ["Are", "the"]):  # "Is the object red?"
+                    assert (a == "yes") == (tokens[-1] == c)
+                else:  # "Is there a circle?" / "Are there circles?"
+                    assert (a == "yes") == (tokens[-1] in (s, s + "s"))
+        assert caption(scene).startswith(["one", "two", "three"][n - 1] + " " + c + " " + s)
+        assert caption(scene).count("the ") == n
+    assert seen == set(QUESTION_TYPES)
 
 
-def test_colour_question_needs_a_unique_shape():
-    scene = Scene.from_dict({"things": [{"colour": "red", "shape": "circle", "cell": CELLS[0]},
-                                        {"colour": "blue", "shape": "circle", "cell": CELLS[1]}]})
-    assert ask(scene, "colour", random.Random(0)) is None
+def test_position_is_asked_only_when_it_has_one_answer():
+    two = Scene.from_dict({"things": [{"colour": "red", "shape": "circle", "cell": CELLS[0]},
+                                      {"colour": "red", "shape": "circle", "cell": CELLS[1]}]})
+    assert ask(two, "position", random.Random(0)) is None
+    assert ask(two, "follow-up", random.Random(0), previous=None) is None
 
 
 def test_coco_and_llava_files_load(world, tok, profile):

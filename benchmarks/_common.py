@@ -1,0 +1,173 @@
+"""Shared by the benchmark scripts: device choice, random models of either size, timing, tables, JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=["tiny", "phi2"], default="tiny",
+                        help="tiny: the tiny profile's sizes; phi2: Phi-2 / CLIP ViT-B/32 sizes from helpers.config.FULL "
+                             "(random weights; meant for a GPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu")
+    parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: steady numbers even on a machine shared with other work; "
+                             "0 = every core, as the course trains)")
+    return parser
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def setup_threads(device: torch.device, threads: int = 0) -> None:
+    if device.type == "cpu":
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+
+
+def precision(device: torch.device) -> torch.dtype:
+    """What the course uses: bf16 on a GPU that reports bf16 support, fp32 otherwise (never fp16)."""
+    from helpers.training import bf16_supported
+
+    return torch.bfloat16 if device.type == "cuda" and bf16_supported() else torch.float32
+
+
+def machine(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 2),
+                    compute_capability=f"{props.major}.{props.minor}")
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def profile_for(size: str):
+    from helpers.config import FULL, TINY
+
+    return FULL if size == "phi2" else TINY
+
+
+def stand_in_tokenizer(profile):
+    from helpers.memory_plan import StandInTokenizer
+
+    return StandInTokenizer.for_profile(profile)
+
+
+def random_llava(profile, device: torch.device, lm_dtype: torch.dtype, seed: int = 0, vision=None):
+    """A randomly initialised LLaVA of the profile's sizes (Phi LM + CLIP ViT tower + projector), assembled by the
+    course's own helpers.modeling.assemble_llava. `vision` overrides the tower's VisionSpec."""
+    from transformers import CLIPVisionModel, PhiForCausalLM
+
+    from helpers.modeling import assemble_llava, clip_vision_config, phi_config
+
+    if vision is not None:
+        profile = profile.replace(vision=vision)
+    tok = stand_in_tokenizer(profile)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        lm = PhiForCausalLM._from_config(phi_config(profile.phi, tok), dtype=lm_dtype)
+        tower = CLIPVisionModel(clip_vision_config(profile.vision))
+    tower.requires_grad_(False).eval()
+    model = assemble_llava(lm, tower, tok, profile, seed=seed).to(device)
+    return model, tok, profile
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of fn after `warmup` calls (synchronised on a GPU)."""
+    return time_interleaved({"_": fn}, device, repeats, warmup)["_"]["wall"]
+
+
+def time_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Time several ways in turns (A B A B ...), so that a machine shared with other work slows them alike.
+
+    Returns {name: {"wall": [seconds...], "cpu": [process CPU seconds...]}}. On a CPU the process CPU time (all
+    threads) measures the work done even when other processes compete for the cores.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    out = {name: {"wall": [], "cpu": []} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            out[name]["wall"].append(time.perf_counter() - wall)
+            out[name]["cpu"].append(time.process_time() - cpu)
+    return out
+
+
+def load_note() -> str:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = len(os.sched_getaffinity(0))
+    return (f"load average {load:.1f} on {cores} cores" +
+            (" - the machine is shared: compare ratios, and CPU seconds rather than wall seconds"
+             if load > cores + 0.5 else ""))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return None
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
+    return str(v)
+
+
+def save_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+    print(f"results written to {path}")

@@ -1,0 +1,665 @@
+"""How much GPU memory a training stage needs, before renting the GPU.
+
+``plan_memory(profile, stage, gpu=...)`` builds the stage's model exactly as the course builds it (the same config
+functions, the same freezing, the same ``add_lora``), but on PyTorch's ``meta`` device: no memory, no weights,
+only shapes and dtypes. From that model it reads
+
+* **parameters** – counted on the instantiated meta model (exact; a test checks them against real models);
+* **weights** – bytes per parameter in the dtype the stage stores it in. 4-bit nf4 weights (bitsandbytes,
+  blocksize 64, double quantization) are counted exactly as bitsandbytes stores them: 4 bits per weight, one uint8
+  absmax per 64 weights, one fp32 absmax per 256 of those, plus a 16-entry nf4 code, an offset and a 256-entry
+  code per quantized matrix: 4 + 8/64 + 32/16384 = 4.127 bits per weight (0.516 byte), checked by a test against
+  what bitsandbytes really allocates;
+* **gradients and optimizer state** – trainable parameters are fp32 in both stages (the projector, LoRA adapters);
+  AdamW keeps two fp32 states per trainable parameter; no fp32 master copy is needed because nothing trainable is
+  stored in half precision (the field is there and would be 4 bytes per trainable parameter otherwise);
+* **activations** – *measured*, not guessed: one training forward of the meta model (batch x sequence length, loss
+  included) runs under ``torch.autograd.graph.saved_tensors_hooks`` and adds up every tensor autograd keeps for the
+  backward pass (views and parameters are not counted twice). Because meta tensors have no CUDA semantics, two GPU
+  behaviours are emulated: bf16 mixed precision (``Trainer(bf16=True)`` -> ``torch.autocast``: matmuls in bf16,
+  layer norm / softmax / pow / losses in fp32, following PyTorch's autocast op lists) and the attention kernel
+  (memory-efficient SDPA keeps q, k, v, the output and a padding bias; where it is unavailable – bf16 on a T4 – the
+  math kernel keeps the B x heads x T x T fp32 probabilities). With gradient checkpointing only each decoder layer's
+  input survives the forward pass; one layer is recomputed at a time in the backward pass, so the estimate is
+  ``outside-the-layers + n_layers x layer input + the largest layer``.
+* **logits transient** – the B x T x vocab logits plus their fp32 upcast / gradient, alive around the loss.
+
+The total is an estimate of ``torch.cuda.max_memory_allocated()``; a plan *fits* when it plus a CUDA context of
+about 0.5 GiB is below the memory the GPU reports. ``benchmarks/projector_cached_vs_tower.py --size phi2`` prints
+the measured peak of a stage-02 step next to this plan, so the estimate can be checked on any GPU.
+
+Notebook use::
+
+    from helpers.memory_plan import plan_memory, print_plan
+    print_plan(plan_memory("full", "instruct", gpu="T4"))
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import types
+import unittest.mock
+from dataclasses import dataclass, field
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+GiB = 1024 ** 3
+
+# -------------------------------------------------------------------------------------------------- hardware
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float  # what torch.cuda.get_device_properties().total_memory reports (ECC on), in GiB
+    native_bf16: bool  # compute capability >= 8.0; below it bf16 is emulated and SDPA falls back to "math"
+
+
+GPUS = {
+    "T4": GPU("NVIDIA T4 16 GB (Colab, SageMaker g4dn)", 14.75, native_bf16=False),
+    "A100-40GB": GPU("NVIDIA A100 40 GB", 39.39, native_bf16=True),
+    "A100-80GB": GPU("NVIDIA A100 80 GB", 79.15, native_bf16=True),
+    "H100-80GB": GPU("NVIDIA H100 80 GB", 79.11, native_bf16=True),
+}
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspace: outside max_memory_allocated, but on the card
+
+STAGES = {"projection": "projection", "02": "projection", "02_projection": "projection",
+          "instruct": "instruct", "03": "instruct", "03_qlora_instruct": "instruct"}
+
+# Settings of the real checkpoint that the course's architecture-only config (helpers.modeling.phi_config) leaves
+# at PhiConfig defaults. They change no shape, but dropout keeps masks for the backward pass.
+CHECKPOINT_EXTRAS = {"microsoft/phi-2": {"resid_pdrop": 0.1, "embd_pdrop": 0.0, "attention_dropout": 0.0}}
+
+# -------------------------------------------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class StandInTokenizer:
+    """What the config builders read from a tokenizer, without loading one (no Hub access needed).
+
+    Phi-2's tokenizer has 50,295 tokens including its added ones; ``<|endoftext|>`` = 50256 is BOS, EOS, UNK and
+    PAD; the course appends ``<image>`` as id 50295. The tiny BPE has 400 tokens with ``<|endoftext|>`` = 0 and
+    ``<image>`` = 1.
+    """
+
+    n_tokens: int
+    eos_token_id: int
+    image_token: int
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.eos_token_id
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        if token != "<image>":
+            raise KeyError(f"the stand-in tokenizer only knows <image>, not {token!r}")
+        return self.image_token
+
+    @classmethod
+    def for_profile(cls, profile) -> "StandInTokenizer":
+        if profile.tokenizer_checkpoint == "microsoft/phi-2":
+            return cls(n_tokens=50295 + 1, eos_token_id=50256, image_token=50295)
+        return cls(n_tokens=min(400, profile.phi.vocab_size), eos_token_id=0, image_token=1)
+
+
+# -------------------------------------------------------------------------------------------------- meta models
+
+
+def _stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: choose 'projection' (02) or 'instruct' (03)")
+    return STAGES[stage]
+
+
+def _profile(profile):
+    if isinstance(profile, str):
+        from .config import get_profile
+
+        return get_profile(profile)
+    return profile
+
+
+def meta_llava(profile, dtype: torch.dtype = torch.float32, tok=None):
+    """The profile's complete LlavaForConditionalGeneration on the meta device, built with the course's own
+    config functions (helpers.modeling.phi_config / clip_vision_config / llava_config)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .modeling import clip_vision_config, llava_config, phi_config
+
+    profile = _profile(profile)
+    tok = tok or StandInTokenizer.for_profile(profile)
+    lm_config = phi_config(profile.phi, tok)
+    for key, value in CHECKPOINT_EXTRAS.get(profile.llm_checkpoint, {}).items():
+        setattr(lm_config, key, value)
+    config = llava_config(lm_config, clip_vision_config(profile.vision), tok, profile)
+    config.text_config.pad_token_id = tok.pad_token_id
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return model.to(dtype)
+
+
+def _llava(model):
+    from .training import _llava_of
+
+    return _llava_of(model)
+
+
+def component_parameters(model) -> dict[str, int]:
+    """Parameter counts of a (possibly peft-wrapped) LLaVA by part; the LM head is counted apart from the LM."""
+    counts = {"vision_tower": 0, "projector": 0, "language_model": 0, "lm_head": 0, "lora": 0}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            counts["lora"] += p.numel()
+        elif "vision_tower" in name:
+            counts["vision_tower"] += p.numel()
+        elif "multi_modal_projector" in name:
+            counts["projector"] += p.numel()  # includes peft's trainable copy (modules_to_save) if any
+        elif "lm_head" in name:
+            counts["lm_head"] += p.numel()
+        else:
+            counts["language_model"] += p.numel()
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts
+
+
+def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes allocates for one nf4-quantized weight matrix with `numel` entries."""
+    blocks = math.ceil(numel / blocksize)
+    packed = math.ceil(numel / 2)  # two 4-bit codes per byte
+    code = 16 * 4  # the nf4 code book (fp32)
+    if not double_quant:
+        return packed + 4 * blocks + code
+    # absmax quantized to uint8, its own fp32 absmax per 256 blocks, an fp32 offset and a 256-entry fp32 code
+    return packed + blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4 + code
+
+
+def _quantized_linear_names(model) -> list[str]:
+    """The nn.Linear modules transformers would quantize: all but the skipped ones (helpers.instruct)."""
+    from .instruct import SKIP_QUANTIZATION
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(
+                name == s or name.startswith(s + ".") for s in SKIP_QUANTIZATION):
+            names.append(name)
+    return names
+
+
+def _nf4_like_forward(self, x):
+    """bitsandbytes Linear4bit.forward: cast to the compute dtype, matmul with the (dequantized) weight, cast back."""
+    out = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight,
+                                     None if self.bias is None else self.bias.to(self.weight.dtype))
+    return out.to(x.dtype)
+
+
+def stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: bool = True, lora_r: int | None = None):
+    """The model a stage trains, on the meta device, with the stage's dtypes and trainable parameters.
+
+    Returns (model, quantized_names): `quantized_names` are the parameters stored as nf4.
+    """
+    profile = _profile(profile)
+    stage = _stage(stage)
+    if stage == "projection":
+        # helpers.projection.build_projection_model: LLM in llm_dtype(), CLIP tower in fp32, projector fp32
+        model = meta_llava(profile, compute_dtype)
+        model.model.vision_tower.float()
+        model.model.multi_modal_projector.float()
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        return model, set()
+    # stage 03 (helpers.instruct): 4-bit LLM linears, everything else upcast to fp32 by
+    # prepare_model_for_kbit_training, LoRA adapters (fp32) + a trainable fp32 copy of the projector
+    from .instruct import add_lora
+
+    if lora_r is not None:
+        profile = profile.replace(lora_r=lora_r, lora_alpha=2 * lora_r)
+    model = meta_llava(profile, compute_dtype)
+    quantized = set(_quantized_linear_names(model))
+    with torch.device("meta"), _quiet():
+        model = add_lora(model, profile.replace(gradient_checkpointing=False))
+    quantized_params = set()
+    for name, module in model.named_modules():
+        base = name.replace("base_model.model.", "", 1).removesuffix(".base_layer")
+        if base in quantized and isinstance(module, torch.nn.Linear) and not hasattr(module, "base_layer"):
+            if load_in_4bit:
+                module.weight.data = module.weight.data.to(compute_dtype)  # dequantized on the fly
+                module.forward = types.MethodType(_nf4_like_forward, module)
+                quantized_params.add(f"{name}.weight")
+    if not load_in_4bit:  # plain LoRA on a bf16 LLM (for comparison): frozen LLM weights in the compute dtype
+        for name, p in model.named_parameters():
+            if not p.requires_grad and "vision_tower" not in name and "multi_modal_projector" not in name:
+                p.data = p.data.to(compute_dtype)
+    return model, quantized_params
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# -------------------------------------------------------------------------------- emulated GPU semantics on meta
+
+# PyTorch's CUDA autocast lists (torch.amp docs, "CUDA Ops that can autocast to float16 / to float32")
+_AUTOCAST_LOWER = {"linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addmv", "addr", "baddbmm",
+                   "addbmm", "mv", "chain_matmul", "multi_dot", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+                   "conv_transpose2d", "conv_transpose3d", "prelu", "scaled_dot_product_attention"}
+_AUTOCAST_FP32 = {"__pow__", "__rpow__", "__rdiv__", "__rtruediv__", "pow", "acos", "asin", "cosh", "sinh", "tan",
+                  "erfinv", "exp", "expm1", "log", "log10", "log1p", "log2", "reciprocal", "rsqrt", "softplus",
+                  "layer_norm", "group_norm", "norm", "normalize", "cosine_similarity", "softmax", "softmin",
+                  "log_softmax", "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "kl_div",
+                  "binary_cross_entropy_with_logits", "cumprod", "cumsum", "dist", "pdist", "cdist", "prod", "sum",
+                  "renorm"}
+
+
+def _cast_floats(obj, frm: tuple, to: torch.dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(to) if obj.dtype in frm else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(o, frm, to) for o in obj)
+    return obj
+
+
+class _CudaSemantics(TorchFunctionMode):
+    """Emulates, on meta tensors, what changes memory on a GPU: autocast casts and the SDPA kernel choice."""
+
+    def __init__(self, autocast_dtype: torch.dtype | None, attention: str):
+        super().__init__()
+        self.autocast_dtype, self.attention = autocast_dtype, attention
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self.autocast_dtype is not None:
+            if name in _AUTOCAST_LOWER:
+                args = _cast_floats(args, (torch.float32,), self.autocast_dtype)
+                kwargs = {k: _cast_floats(v, (torch.float32,), self.autocast_dtype) for k, v in kwargs.items()}
+            elif name in _AUTOCAST_FP32:
+                args = _cast_floats(args, (torch.float16, torch.bfloat16), torch.float32)
+                kwargs = {k: _cast_floats(v, (torch.float16, torch.bfloat16), torch.float32) for k, v in kwargs.items()}
+        if name == "scaled_dot_product_attention" and self.attention == "efficient":
+            return _efficient_attention(*args, **kwargs)
+        if name == "dropout":
+            return _cuda_dropout(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _DropoutWithBoolMask(torch.autograd.Function):
+    """CUDA's native_dropout keeps a bool mask (1 byte per element); the meta kernel would keep one in the input
+    dtype."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(torch.empty(x.shape, dtype=torch.bool, device=x.device))
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _cuda_dropout(input, p=0.5, training=True, inplace=False):
+    if not training or p == 0:
+        return input
+    return _DropoutWithBoolMask.apply(input)
+
+
+def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """Memory-efficient SDPA (what CUDA runs for masked batches). Training batches are right-padded, so a
+    batch x 1 x T x T additive bias in the query dtype (what SDPA makes of the boolean mask) is kept as well."""
+    b, _h, t, _d = query.shape
+    bias = torch.empty(b, 1, t, key.shape[-2], dtype=query.dtype, device=query.device)
+    bias = bias.expand(b, query.shape[1], t, key.shape[-2])
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p, False,
+                                                                scale=scale)
+    return out[0]
+
+
+@dataclass
+class ActivationProfile:
+    outside_layers: int = 0  # embeddings, projector, final norm, logits/loss
+    per_layer: list[int] = field(default_factory=list)
+    layer_input: int = 0  # one decoder layer's input hidden state (what checkpointing keeps)
+    logits: int = 0  # the lm_head output
+
+    @property
+    def without_checkpointing(self) -> int:
+        return self.outside_layers + sum(self.per_layer)
+
+    @property
+    def with_checkpointing(self) -> int:
+        return self.outside_layers + len(self.per_layer) * self.layer_input + max(self.per_layer, default=0)
+
+
+def measure_activations(model, batch_size: int, seq_length: int, autocast_dtype: torch.dtype | None = None,
+                        attention: str = "efficient", image_seq_length: int | None = None,
+                        trace: list | None = None) -> ActivationProfile:
+    """Bytes autograd saves for the backward pass in one training forward (with loss) of a LLaVA model: a meta
+    one (no memory, any size) or a real one (a test checks that both give the same count).
+
+    The batch is `batch_size` rows of `seq_length` tokens, each starting with the image placeholders; the vision
+    features enter through the projector as in the course's cached-feature path
+    (``helpers.training.project_cached_features``). `trace`, if given, receives (layer or None, shape, dtype,
+    bytes) for every tensor counted.
+    """
+    from .training import project_cached_features
+
+    llava = _llava(model)
+    config = llava.config
+    n_img = image_seq_length or config.image_seq_length
+    if seq_length <= n_img:
+        raise ValueError(f"seq_length {seq_length} must exceed the {n_img} image tokens")
+    layers = llava.model.language_model.layers
+    prof = ActivationProfile(per_layer=[0] * len(layers))
+    params = {id(p) for p in model.parameters()}
+    seen: dict[int, torch.Tensor] = {}
+    state = {"layer": None}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in params and id(base) not in seen and id(t) not in params:
+            seen[id(base)] = base  # keep it alive so its id is not reused
+            nbytes = base.numel() * base.element_size()
+            if trace is not None:
+                trace.append((state["layer"], tuple(base.shape), base.dtype, nbytes))
+            if state["layer"] is None:
+                prof.outside_layers += nbytes
+            else:
+                prof.per_layer[state["layer"]] += nbytes
+        return t
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            state["layer"] = i
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prof.layer_input = hidden.numel() * hidden.element_size()
+        return hook
+
+    def post(module, args, output):
+        state["layer"] = None
+
+    def on_logits(module, args, output):
+        prof.logits = output.numel() * output.element_size()
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(post) for layer in layers]
+    handles.append(llava.lm_head.register_forward_hook(on_logits))
+    original_mask = llava.model.get_placeholder_mask
+    # LlavaModel checks placeholder and feature counts with .item(), impossible on meta: same mask, no check
+    llava.model.get_placeholder_mask = types.MethodType(
+        lambda self, input_ids, inputs_embeds, image_features:
+        (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds), llava.model)
+    try:
+        model.train()
+        with torch.device(next(model.parameters()).device):
+            ids = torch.zeros(batch_size, seq_length, dtype=torch.long)
+            ids[:, :n_img] = config.image_token_id
+            features = torch.zeros(batch_size, n_img, config.vision_config.hidden_size)
+        # without an attention mask transformers looks for packed sequences in the position ids (.item() again)
+        no_packing = unittest.mock.patch("transformers.masking_utils.find_packed_sequence_indices",
+                                         lambda position_ids: None)
+        with no_packing, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                _CudaSemantics(autocast_dtype, attention):
+            mm = project_cached_features(model, features)
+            out = model(input_ids=ids, labels=ids, mm_encoder_outputs=mm, use_cache=False)
+        if out.loss is None or tuple(out.logits.shape) != (batch_size, seq_length, config.text_config.vocab_size):
+            raise RuntimeError("the meta forward did not produce a loss and full logits")
+    finally:
+        for h in handles:
+            h.remove()
+        llava.model.get_placeholder_mask = original_mask
+    return prof
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class MemoryPlan:
+    profile: str
+    stage: str
+    gpu: str
+    gpu_gib: float
+    batch_size: int
+    seq_length: int
+    gradient_checkpointing: bool
+    precision: str  # "bf16 autocast" or "fp32"
+    attention: str  # "efficient" or "math"
+    load_in_4bit: bool
+    parameters: dict[str, int]
+    weight_bytes: dict[str, int]  # by part, as stored
+    gradient_bytes: int
+    optimizer_bytes: int
+    master_weight_bytes: int
+    activation_bytes_without_checkpointing: int
+    activation_bytes_with_checkpointing: int
+    logits_transient_bytes: int
+    cuda_context_bytes: int
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def weights_total(self) -> int:
+        return sum(self.weight_bytes.values())
+
+    @property
+    def activation_bytes(self) -> int:
+        return (self.activation_bytes_with_checkpointing if self.gradient_checkpointing
+                else self.activation_bytes_without_checkpointing)
+
+    @property
+    def total_bytes(self) -> int:
+        """Estimated peak of torch.cuda.max_memory_allocated() during a training step."""
+        return (self.weights_total + self.gradient_bytes + self.optimizer_bytes + self.master_weight_bytes
+                + self.activation_bytes + self.logits_transient_bytes)
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.total_bytes + self.cuda_context_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return int(self.gpu_gib * GiB) - self.needed_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(weights_total=self.weights_total, activation_bytes=self.activation_bytes,
+                 total_bytes=self.total_bytes, needed_bytes=self.needed_bytes, headroom_bytes=self.headroom_bytes,
+                 fits=self.fits)
+        return d
+
+
+def _gpu(gpu) -> GPU:
+    if isinstance(gpu, GPU):
+        return gpu
+    key = {k.lower(): k for k in GPUS}.get(str(gpu).lower().replace(" ", "-"))
+    if key is None:
+        raise ValueError(f"unknown GPU {gpu!r}: choose one of {sorted(GPUS)} or pass a GPU(...)")
+    return GPUS[key]
+
+
+def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: int | None = None,
+                seq_length: int | None = None, gradient_checkpointing: bool | None = None,
+                precision: str = "auto", load_in_4bit: bool = True, lora_r: int | None = None,
+                attention: str = "auto") -> MemoryPlan:
+    """Memory needed to train `stage` ("projection" = 02, "instruct" = 03) of `profile` on `gpu`.
+
+    Defaults are the profile's own settings: its batch size, its ``max_length`` (the longest batch the collator can
+    produce), its gradient checkpointing flag and LoRA rank. ``precision="auto"`` is what the course does on a GPU:
+    ``helpers.training.bf16_supported()`` is true on every recent CUDA GPU (emulated on a T4), so the LLM is stored
+    in bf16 and the Trainer runs bf16 autocast; ``"fp32"`` plans the fp32 path. ``attention="auto"`` picks the
+    memory-efficient SDPA kernel, or the math kernel for bf16 on GPUs without native bf16 (T4).
+    """
+    profile = _profile(profile)
+    stage_name = _stage(stage)
+    spec = profile.projection if stage_name == "projection" else profile.instruct
+    batch_size = batch_size or spec.batch_size
+    seq_length = seq_length or spec.max_length
+    checkpointing = profile.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    card = _gpu(gpu)
+    if precision == "auto":
+        precision = "bf16"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError("precision must be 'auto', 'bf16' or 'fp32' (fp16 overflows in Phi attention)")
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if attention == "auto":
+        attention = "math" if (precision == "bf16" and not card.native_bf16) else "efficient"
+
+    model, quantized = stage_model(profile, stage_name, compute_dtype, load_in_4bit=load_in_4bit, lora_r=lora_r)
+    counts = component_parameters(model)
+    counts["quantized"] = sum(p.numel() for n, p in model.named_parameters() if n in quantized)
+
+    weights = {"vision_tower": 0, "projector": 0, "language_model_nf4": 0, "language_model": 0, "lm_head": 0,
+               "lora": 0}
+    for name, p in model.named_parameters():
+        part = ("lora" if "lora_" in name else "vision_tower" if "vision_tower" in name else
+                "projector" if "multi_modal_projector" in name else "lm_head" if "lm_head" in name else
+                "language_model")
+        if name in quantized:
+            weights["language_model_nf4"] += nf4_bytes(p.numel())
+        elif stage_name == "instruct" and load_in_4bit and p.dtype in (torch.float16, torch.bfloat16):
+            weights[part] += p.numel() * 4  # prepare_model_for_kbit_training upcast it to fp32
+        else:
+            weights[part] += p.numel() * p.element_size()
+    weights["buffers"] = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gradient_bytes = sum(p.numel() * 4 for p in trainable)  # fp32 trainable params -> fp32 grads
+    optimizer_bytes = sum(p.numel() * 8 for p in trainable)  # AdamW: exp_avg + exp_avg_sq
+    master_bytes = sum(p.numel() * 4 for p in trainable if p.dtype != torch.float32)
+
+    acts = measure_activations(model, batch_size, seq_length, compute_dtype if precision == "bf16" else None,
+                               attention, profile.image_seq_length)
+    vocab = _llava(model).config.text_config.vocab_size
+    logits_transient = acts.logits + batch_size * seq_length * vocab * 4  # + its fp32 upcast / gradient
+
+    assumptions = [
+        f"trainable parameters fp32; AdamW 2 fp32 states each; fp32 master copies: "
+        f"{'none needed' if not master_bytes else 'yes'}",
+        "activations measured on the meta model (saved-tensor hooks), bf16 autocast and SDPA kernel emulated",
+        f"every batch padded to seq_length={seq_length} (the worst case; real batches pad to their longest row)",
+        f"CUDA context + workspace {CUDA_CONTEXT_GIB} GiB; allocator fragmentation not included",
+    ]
+    if stage_name == "instruct" and load_in_4bit:
+        assumptions.insert(0, "nf4, blocksize 64, double quantization: 4.127 bits per quantized weight; other "
+                              "parameters fp32 after peft.prepare_model_for_kbit_training")
+    if precision == "bf16" and not card.native_bf16:
+        assumptions.append(f"{card.name}: bf16 is emulated (no bf16 tensor cores) and SDPA uses the math kernel")
+    return MemoryPlan(profile=profile.name, stage=stage_name, gpu=card.name, gpu_gib=card.memory_gib,
+                      batch_size=batch_size, seq_length=seq_length, gradient_checkpointing=checkpointing,
+                      precision="bf16 autocast" if precision == "bf16" else "fp32", attention=attention,
+                      load_in_4bit=stage_name == "instruct" and load_in_4bit, parameters=counts,
+                      weight_bytes=weights, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
+                      master_weight_bytes=master_bytes,
+                      activation_bytes_without_checkpointing=acts.without_checkpointing,
+                      activation_bytes_with_checkpointing=acts.with_checkpointing,
+                      logits_transient_bytes=logits_transient, cuda_context_bytes=int(CUDA_CONTEXT_GIB * GiB),
+                      assumptions=assumptions)
+
+
+# ------------------------------------------------------------------------------------------------------ display
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:8.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    p = plan.parameters
+    lines = [
+        f"Memory plan: profile {plan.profile}, stage {plan.stage}, {plan.gpu} ({plan.gpu_gib:.2f} GiB)",
+        f"  batch {plan.batch_size} x {plan.seq_length} tokens, {plan.precision}, attention {plan.attention}, "
+        f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"
+        + (", LLM in 4-bit nf4" if plan.load_in_4bit else ""),
+        f"  parameters: {p['total']:,} total, {p['trainable']:,} trainable "
+        f"(vision {p['vision_tower']:,}, projector {p['projector']:,}, LLM {p['language_model']:,}, "
+        f"lm_head {p['lm_head']:,}, LoRA {p['lora']:,}; {p['quantized']:,} in 4-bit)",
+        "  " + "-" * 58,
+    ]
+    for part, n in plan.weight_bytes.items():
+        if n:
+            lines.append(f"  weights: {part:<36}{_gib(n)}")
+    act_note = "with" if plan.gradient_checkpointing else "without"
+    rows = [("gradients (fp32)", plan.gradient_bytes), ("AdamW states (2 x fp32)", plan.optimizer_bytes),
+            ("fp32 master weights", plan.master_weight_bytes),
+            (f"activations ({act_note} checkpointing)", plan.activation_bytes),
+            ("logits + fp32 upcast at the loss", plan.logits_transient_bytes)]
+    lines += [f"  {name:<45}{_gib(n)}" for name, n in rows]
+    lines += [
+        "  " + "-" * 58,
+        f"  {'estimated peak allocated':<45}{_gib(plan.total_bytes)}",
+        f"  {'+ CUDA context':<45}{_gib(plan.cuda_context_bytes)}",
+        f"  {'needed':<45}{_gib(plan.needed_bytes)}",
+        f"  activations would be {plan.activation_bytes_without_checkpointing / GiB:.2f} GiB without and "
+        f"{plan.activation_bytes_with_checkpointing / GiB:.2f} GiB with gradient checkpointing",
+        f"  => {'FITS' if plan.fits else 'DOES NOT FIT'} on {plan.gpu}: "
+        f"{abs(plan.headroom_bytes) / GiB:.2f} GiB {'to spare' if plan.fits else 'short'}",
+    ]
+    lines += [f"  assumption: {a}" for a in plan.assumptions]
+    return "\n".join(lines)
+
+
+def print_plan(plan: MemoryPlan) -> MemoryPlan:
+    print(format_plan(plan))
+    return plan
+
+
+def show(profile="full", stage: str = "instruct", gpu="T4", **kwargs) -> MemoryPlan:
+    """Plan and print in one call (notebooks): ``show("full", "projection", gpu="T4")``."""
+    return print_plan(plan_memory(profile, stage, gpu=gpu, **kwargs))
+
+
+def summary_table(plans: list[MemoryPlan]) -> str:
+    """A markdown table of several plans (docs/cost_and_scale.md is made with it)."""
+    head = ("| stage | GPU | batch x tokens | ckpt | weights | grads + AdamW | activations | logits | "
+            "peak est. | + context | fits |")
+    lines = [head, "|" + "---|" * 11]
+    for p in plans:
+        lines.append(
+            f"| {p.stage} | {p.gpu.split(' (')[0]} | {p.batch_size} x {p.seq_length} | "
+            f"{'on' if p.gradient_checkpointing else 'off'} | {p.weights_total / GiB:.2f} | "
+            f"{(p.gradient_bytes + p.optimizer_bytes) / GiB:.2f} | {p.activation_bytes / GiB:.2f} | "
+            f"{p.logits_transient_bytes / GiB:.2f} | {p.total_bytes / GiB:.2f} | {p.needed_bytes / GiB:.2f} | "
+            f"{'yes' if p.fits else '**no**'} ({p.headroom_bytes / GiB:+.1f}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Estimate the GPU memory of a course stage.")
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--stage", default="instruct", choices=sorted(STAGES))
+    parser.add_argument("--gpu", default="T4", help=f"one of {sorted(GPUS)}")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-length", type=int)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--json", help="also write the plan as JSON here")
+    args = parser.parse_args(argv)
+    plan = show(args.profile, args.stage, gpu=args.gpu, batch_size=args.batch_size, seq_length=args.seq_length,
+                gradient_checkpointing=False if args.no_checkpointing else None, precision=args.precision)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.to_dict(), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

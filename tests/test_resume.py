@@ -1,0 +1,290 @@
+"""Training survives a crash: a stage's process is killed with SIGKILL mid-run, resumed from its last checkpoint, and
+ends exactly where an uninterrupted run ends (same per-step losses, same final loss and weights, bit for bit on CPU
+with one thread and fixed seeds). A damaged newest checkpoint is skipped with a message and the previous one used.
+
+This file is also the worker the tests start (``python tests/test_resume.py <stage> ...``): it runs one stage's
+training function (helpers.pretrain.pretrain, helpers.projection.train_projector, helpers.instruct.train_instruct)
+on the tests' small world for 12 steps, checkpointing every 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, SAVE_EVERY = 12, 4
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+def _profile(stage: str):
+    import dataclasses
+
+    from helpers.config import TINY, StageSpec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import SMALL_WORLD
+
+    spec = {"pretrain": StageSpec(learning_rate=3e-3, batch_size=8, max_steps=STEPS, logging_steps=1),
+            "projection": StageSpec(learning_rate=1e-2, batch_size=8, max_steps=STEPS, logging_steps=1,
+                                    max_length=128),
+            "instruct": StageSpec(learning_rate=2e-3, batch_size=4, max_steps=STEPS, logging_steps=1,
+                                  max_length=160)}[stage]
+    return dataclasses.replace(TINY, world=SMALL_WORLD, **{stage: spec})
+
+
+def _pause_callback(step: int, marker: Path):
+    from transformers import TrainerCallback
+
+    class Pause(TrainerCallback):  # stands still after `step` so the test can kill the process there
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                marker.write_text(str(step))
+                time.sleep(600)
+
+    return [Pause()]
+
+
+def worker(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=["pretrain", "projection", "instruct"])
+    parser.add_argument("--world", required=True)
+    parser.add_argument("--tok", required=True)
+    parser.add_argument("--llava", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--pause-at", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from helpers.config import Paths
+    from helpers.tokenizer import load_tokenizer
+    from helpers.world import WorldFiles
+
+    profile = _profile(args.stage)
+    paths = Paths(profile, args.out)
+    tok = load_tokenizer(args.tok)
+    world = WorldFiles(Path(args.world))
+    callbacks = _pause_callback(args.pause_at, Path(args.result + ".paused")) if args.pause_at else None
+    kw = dict(callbacks=callbacks, save_steps=SAVE_EVERY)
+    if args.stage == "pretrain":
+        from helpers.pretrain import mean_loss, pretrain, read_corpus
+
+        trainer, model, heldout, _ = pretrain(profile, paths, tok, read_corpus(world.corpus), **kw)
+        final = mean_loss(model, heldout)
+    else:
+        from helpers.modeling import image_processor
+        from helpers.projection import feature_table, make_dataset, mean_conversation_loss
+
+        if args.stage == "projection":
+            from transformers import LlavaForConditionalGeneration
+
+            from helpers.modeling import freeze
+            from helpers.multimodal_data import read_coco_captions
+            from helpers.projection import train_projector
+
+            records, _ = read_coco_captions(world.captions("train"), world.images("train"))
+            model = LlavaForConditionalGeneration.from_pretrained(args.llava)
+            freeze(model)
+            model.model.multi_modal_projector.requires_grad_(True)
+        else:
+            from helpers.instruct import add_lora, load_4bit_llava, train_instruct
+            from helpers.multimodal_data import read_llava_instruct
+
+            records, _ = read_llava_instruct(world.instruct("train"), world.images("train"))
+            model = load_4bit_llava(args.llava)
+        feats, index = feature_table(model.model.vision_tower, image_processor(profile.vision), records,
+                                     profile.vision_feature_layer, Path(args.out) / "features")
+        ds = make_dataset(records, tok, profile, feats, index, getattr(profile, args.stage))
+        if args.stage == "projection":
+            trainer = train_projector(model, ds, tok, profile, paths, **kw)
+        else:
+            model = add_lora(model, profile)
+            trainer = train_instruct(model, ds, tok, profile, paths, **kw)
+        final = mean_conversation_loss(model, ds, tok)
+    rows = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
+    trainable = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    result = {"losses": rows, "final_loss": final, "global_step": trainer.state.global_step,
+              "n_trainable": sum(p.numel() for p in trainable),
+              "weights": [float(p.sum()) for p in trainable] + [float(p.abs().sum()) for p in trainable]}
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------- the tests
+def _command(stage, world, tok_dir, llava, out, result, pause_at=0):
+    cmd = [sys.executable, str(Path(__file__).resolve()), stage, "--world", str(world.root), "--tok", str(tok_dir),
+           "--llava", str(llava), "--out", str(out), "--result", str(result)]
+    return cmd + (["--pause-at", str(pause_at)] if pause_at else [])
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env.pop("MMPHI_OUTPUT_DIR", None)
+    return env
+
+
+def _start(cmd, log: Path):
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _finish(proc, log: Path, timeout=240):
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, f"worker failed ({rc}):\n{log.read_text()[-4000:]}"
+    return log.read_text()
+
+
+def _wait_for(path: Path, proc, log: Path, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"worker ended before pausing:\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline, "worker did not reach the pause step"
+        time.sleep(0.2)
+
+
+_UNINTERRUPTED: dict[str, dict] = {}  # stage -> result of its uninterrupted run (shared by the tests of a stage)
+
+
+def _crash_and_resume(stage, world, tok_dir, llava, tmp_path, kill_at, damage=None):
+    """Run `stage` uninterrupted and (in parallel) until `kill_at`, SIGKILL the latter, optionally damage its
+    checkpoints, resume it. Returns (uninterrupted result, resumed result, resumed log, trainer dir)."""
+    full_out, crash_out = tmp_path / "full", tmp_path / "crash"
+    full = None
+    if stage not in _UNINTERRUPTED:
+        full = _start(_command(stage, world, tok_dir, llava, full_out, tmp_path / "full.json"),
+                      tmp_path / "full.log")
+    crash_result = tmp_path / "crash.json"
+    crash = _start(_command(stage, world, tok_dir, llava, crash_out, crash_result, pause_at=kill_at),
+                   tmp_path / "crash.log")
+    _wait_for(Path(str(crash_result) + ".paused"), crash, tmp_path / "crash.log")
+    os.kill(crash.pid, signal.SIGKILL)
+    crash.wait(timeout=30)
+    assert crash.returncode == -signal.SIGKILL
+    stage_dir = {"pretrain": "01_pretrain", "projection": "02_projection", "instruct": "03_qlora_instruct"}[stage]
+    trainer_dir = crash_out / "tiny" / stage_dir / "trainer"
+    if damage:
+        damage(trainer_dir)
+    resumed = _start(_command(stage, world, tok_dir, llava, crash_out, crash_result), tmp_path / "resumed.log")
+    log = _finish(resumed, tmp_path / "resumed.log")
+    if full is not None:
+        _finish(full, tmp_path / "full.log")
+        _UNINTERRUPTED[stage] = json.loads((tmp_path / "full.json").read_text())
+    return _UNINTERRUPTED[stage], json.loads(crash_result.read_text()), log, trainer_dir
+
+
+def _assert_same_run(full, resumed):
+    assert full["global_step"] == resumed["global_step"] == STEPS
+    assert [s for s, _ in full["losses"]] == list(range(1, STEPS + 1))
+    assert resumed["losses"] == full["losses"]  # every step's loss, bit for bit
+    assert resumed["final_loss"] == full["final_loss"]
+    assert resumed["weights"] == full["weights"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume_tok")
+    tok.save_pretrained(path)
+    return path
+
+
+def _checkpoint_steps(trainer_dir):
+    from helpers.checkpointing import checkpoints
+
+    return sorted(int(p.name.split("-")[1]) for p in checkpoints(trainer_dir))
+
+
+def test_pretrain_resumes_bit_exactly_after_sigkill(world, tok_dir, tmp_path):
+    full, resumed, log, trainer_dir = _crash_and_resume("pretrain", world, tok_dir, "-", tmp_path,
+                                                        kill_at=6)
+    assert "Resuming from" in log and "checkpoint-4" in log
+    _assert_same_run(full, resumed)
+    assert _checkpoint_steps(trainer_dir) == [8, 12]  # save_total_limit = 2
+    assert not any((trainer_dir / ".staging").glob("checkpoint-*"))
+
+
+def test_projection_resumes_bit_exactly_after_sigkill(world, tok_dir, saved_llava, tmp_path):
+    full, resumed, log, trainer_dir = _crash_and_resume("projection", world, tok_dir, saved_llava,
+                                                        tmp_path, kill_at=7)
+    assert "checkpoint-4" in log
+    _assert_same_run(full, resumed)
+    # stage-02 checkpoints hold the trainable projector only, not the frozen LLM and vision tower
+    from safetensors import safe_open
+
+    with safe_open(str(trainer_dir / "checkpoint-12" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("multi_modal_projector" in k for k in keys)
+
+
+def test_qlora_resumes_adapters_projector_and_optimizer_after_sigkill(world, tok_dir, saved_llava, tmp_path):
+    full, resumed, log, trainer_dir = _crash_and_resume("instruct", world, tok_dir, saved_llava,
+                                                        tmp_path, kill_at=5)
+    assert "checkpoint-4" in log
+    _assert_same_run(full, resumed)
+    from safetensors import safe_open
+
+    with safe_open(str(trainer_dir / "checkpoint-12" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("lora_A" in k for k in keys) and any("multi_modal_projector" in k for k in keys)
+    assert not (trainer_dir / "checkpoint-12" / "model.safetensors").exists()  # no copy of the 4-bit LLM
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(world, tok_dir, tmp_path):
+    def truncate(trainer_dir):
+        weights = trainer_dir / "checkpoint-8" / "model.safetensors"
+        assert weights.exists() and (trainer_dir / "checkpoint-4").exists()
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    full, resumed, log, _ = _crash_and_resume("pretrain", world, tok_dir, "-", tmp_path, kill_at=10,
+                                              damage=truncate)
+    assert "Skipping checkpoint" in log and "checkpoint-8: model.safetensors is truncated" in log, log[-3000:]
+    assert "Resuming from" in log and "checkpoint-4 (4/12 steps done)" in log
+    _assert_same_run(full, resumed)
+
+
+def test_checkpoint_validation_reasons(tmp_path, capsys):
+    """Unit level: what makes a checkpoint unusable, and that a staging folder is never taken for a checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers.checkpointing import checkpoint_problem, latest_valid_checkpoint, resolve_resume
+
+    def make(step, settings=None):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        save_file({"w": torch.ones(3)}, str(ckpt / "model.safetensors"))
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            torch.save({"x": torch.zeros(2)}, ckpt / name)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 12}))
+        if settings:
+            (ckpt / "run_settings.json").write_text(json.dumps(settings))
+        return ckpt
+
+    a, b, c = make(4), make(8, {"max_steps": 12}), make(12)
+    (tmp_path / ".staging" / "checkpoint-16").mkdir(parents=True)
+    assert checkpoint_problem(a) is None
+    (c / "trainer_state.json").write_text("{not json")
+    assert "trainer_state.json is unreadable" in checkpoint_problem(c)
+    assert "other settings (max_steps 12 -> 20)" in checkpoint_problem(b, {"max_steps": 20})
+    opt = (b / "optimizer.pt").read_bytes()
+    (b / "optimizer.pt").write_bytes(opt[:-10])
+    assert "optimizer.pt is truncated or damaged" in checkpoint_problem(b)
+    assert latest_valid_checkpoint(tmp_path) == a
+    out = capsys.readouterr().out
+    assert "checkpoint-12: trainer_state.json is unreadable" in out and "checkpoint-8: optimizer.pt" in out
+    assert resolve_resume(tmp_path, resume=False) is None
+    with pytest.raises(ValueError, match="cannot resume from"):
+        resolve_resume(tmp_path, resume=str(b))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    worker()
