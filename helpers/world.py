@@ -138,13 +138,12 @@ def ask(scene: Scene, qtype: str, rng: random.Random, previous: str | None = Non
             return "How many objects are there?", NUMBER_WORDS[n]
         other = rng.choice(SHAPES)
         return f"How many {other}s are there?", NUMBER_WORDS[n if other == s else 0]
-    if qtype == "yes/no":  # one attribute compared with the picture: its colour, or its shape
+    if qtype == "yes/no":  # one attribute compared with the picture (worded so that Whisper hears it right)
         if rng.random() < 0.5:
             asked = c if rng.random() < 0.5 else rng.choice([x for x in COLOURS if x != c])
-            question = f"Is the object {asked}?" if one else f"Are the objects {asked}?"
-            return question, "yes" if asked == c else "no"
+            return f"Is the colour {asked}?", "yes" if asked == c else "no"
         asked = s if rng.random() < 0.5 else rng.choice([x for x in SHAPES if x != s])
-        return (f"Is there a {asked}?" if one else f"Are there {asked}s?"), "yes" if asked == s else "no"
+        return f"Are there {asked}s?", "yes" if asked == s else "no"
     if qtype == "follow-up":
         if previous is None or previous == "follow-up":
             return None
