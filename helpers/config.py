@@ -31,6 +31,7 @@ class WorldSpec:
     n_heldout_images: int = 300
     n_corpus_scenes: int = 6000
     turns_per_conversation: int = 3
+    corpus_questions: int = 3  # questions per pretraining dialogue, after the description
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ TINY = Profile(
         max_position_embeddings=256,
         vocab_size=512,
     ),
-    pretrain=StageSpec(learning_rate=2e-3, batch_size=16, max_steps=250, logging_steps=10),
-    pretrain_block_size=256,
+    pretrain=StageSpec(learning_rate=2e-3, batch_size=48, max_steps=600, logging_steps=10),
+    pretrain_block_size=80,  # one dialogue per row (they are 50-72 tokens): see pretrain.pack_documents
     clip=StageSpec(learning_rate=2e-3, batch_size=128, max_steps=200, logging_steps=10, max_length=48),
     projection=StageSpec(learning_rate=2e-3, batch_size=32, epochs=1.0, logging_steps=10, max_length=128),
     instruct=StageSpec(learning_rate=2e-3, batch_size=8, epochs=4.0, logging_steps=50, max_length=160),

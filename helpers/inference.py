@@ -122,7 +122,7 @@ def prompt_user_content(history: list[dict], question: str) -> str:
     return user_message(question, with_image=not history)["content"]
 
 
-def plot_accuracy(by_type: dict[str, float], overall: float, path=None):
+def plot_accuracy(by_type: dict[str, float], overall: float, path=None, ylabel: str = "held-out exact match (%)"):
     """Bar chart of exact-match accuracy per question type, with the overall figure as a line."""
     import matplotlib.pyplot as plt
 
@@ -130,7 +130,7 @@ def plot_accuracy(by_type: dict[str, float], overall: float, path=None):
     ax.bar(list(by_type), [100 * v for v in by_type.values()], color="#4c72b0")
     ax.axhline(100 * overall, color="grey", linestyle="--", label=f"overall {overall:.1%}")
     ax.set_ylim(0, 100)
-    ax.set_ylabel("held-out exact match (%)")
+    ax.set_ylabel(ylabel)
     ax.legend(loc="lower right")
     fig.tight_layout()
     if path is not None:

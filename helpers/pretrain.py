@@ -1,8 +1,9 @@
 """Stage 01: pretrain a Phi-architecture causal LM from scratch on clean text.
 
-Documents are tokenized, each closed by EOS, concatenated and cut into fixed-length blocks ("packing"), so no
-padding exists at all and EOS is an ordinary target. One teacher-forced forward per batch; the model shifts the
-labels by one internally.
+Documents are tokenized, each closed by EOS, and packed whole into fixed-length blocks; the rest of a block is
+padding, located by the attention mask (never by id: pad == EOS), so every real EOS is an ordinary target. One
+teacher-forced forward per batch; the model shifts the labels by one internally. In tiny mode the result is also
+probed on text-only questions: can the LM answer from a description in words?
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def pack_documents(tok, documents: list[str], block_size: int) -> tuple[torch.Te
     A document is never cut across two blocks unless it is longer than a block by itself, so questions always
     see the description they refer to. The tail of a block is padding: its attention mask is 0 and the loss
     ignores it. Returns (ids, attention mask), both ``[n_blocks, block_size]``.
+
+    The block size decides how many documents share a row. The tiny profile gives every dialogue a row of its
+    own: with four unrelated dialogues per 256-token row, the LM had to learn to find *its own* description among
+    other scenes' ones, and answering from the description emerged far later (measured on text-only questions,
+    3-question dialogues: colour 72 %, shape 36 %, yes/no 60 % after 600 steps, against 100 % for every type
+    after 500 steps with one dialogue per 80-token row and the same tokens per step).
     """
     blocks, current = [], []
     for doc in documents:
@@ -125,6 +132,34 @@ def pretrain(profile, paths, tok, documents: list[str], callbacks=None, resume=N
 def uniform_loss(vocab_size: int) -> float:
     """Cross-entropy of a model that knows nothing: ln(vocabulary size)."""
     return math.log(vocab_size)
+
+
+@torch.no_grad()
+def text_answer_accuracy(model, tok, probes: list[dict], batch_size: int = 64, max_new_tokens: int = 8) -> dict:
+    """Exact-match accuracy of greedy answers to text-only questions (see ``world.described_questions``).
+
+    Each probe is rendered with the course's one chat template up to ``ASSISTANT:``; generation is batched with
+    left padding, KV-cached and stops at EOS. Returns overall and per-type accuracy."""
+    from collections import defaultdict
+
+    from .chat_template import render
+    from .inference import left_padding, normalise
+
+    model.eval()
+    correct = defaultdict(list)
+    for i in range(0, len(probes), batch_size):
+        chunk = probes[i: i + batch_size]
+        prompts = [render(p["messages"], tok.eos_token, add_generation_prompt=True) for p in chunk]
+        with left_padding(tok):
+            inputs = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for probe, row in zip(chunk, out[:, inputs["input_ids"].shape[1]:]):
+            answer = tok.decode(row, skip_special_tokens=True)
+            correct[probe["type"]].append(normalise(answer) == normalise(probe["answer"]))
+    every = [c for v in correct.values() for c in v]
+    return {"accuracy": sum(every) / len(every),
+            "accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(correct.items())}}
 
 
 @torch.no_grad()

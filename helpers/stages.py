@@ -44,17 +44,21 @@ def ensure_tokenizer(profile, paths: Paths):
 
     if profile.tokenizer_checkpoint:
         return load_tokenizer(profile.tokenizer_checkpoint)
-    if (paths.tokenizer / "tokenizer.json").exists():
+    world = ensure_world(profile, paths)
+    made_for = paths.tokenizer / "world_settings.json"  # the tokenizer is trained on this world's text
+    if (paths.tokenizer / "tokenizer.json").exists() and made_for.exists() \
+            and made_for.read_text() == world.stamp.read_text():
         return load_tokenizer(paths.tokenizer)
     # tiny: the pretraining corpus plus the training conversations as the chat template renders them, so the
     # text around <image> ("\nWhat ...") is tokenized as in training
     from .chat_template import render
     from .pretrain import read_corpus
 
-    world = ensure_world(profile, paths)
     train, _ = instruct_records(profile, paths, "train")
     texts = read_corpus(world.corpus) + [render(r.messages) for r in train]
-    return train_bpe_tokenizer(texts, vocab_size=min(400, profile.phi.vocab_size), out_dir=paths.tokenizer)
+    tok = train_bpe_tokenizer(texts, vocab_size=min(400, profile.phi.vocab_size), out_dir=paths.tokenizer)
+    made_for.write_text(world.stamp.read_text())
+    return tok
 
 
 def caption_records(profile, paths, split: str):
@@ -82,6 +86,9 @@ def instruct_records(profile, paths, split: str):
 
 
 # --------------------------------------------------------------------------------------------- stage 01
+TEXT_PROBE_SCENES = 100  # fresh scenes whose caption is given in words, then one question of each type
+
+
 def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
     from .pretrain import load_text_documents, mean_loss, pretrain, uniform_loss
     from .training import loss_history, set_cpu_threads
@@ -100,6 +107,14 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                "steps": trainer.state.global_step, "n_documents": len(documents),
                "n_heldout_blocks": len(heldout[0]), "block_size": profile.pretrain_block_size,
                "parameters": sum(p.numel() for p in model.parameters())}
+    if profile.world is not None:  # tiny: can it answer from a text description (the skill 02 and 03 build on)?
+        from .pretrain import text_answer_accuracy
+        from .world import described_questions
+
+        probes = described_questions(TEXT_PROBE_SCENES, profile.world.seed * 1000 + 4)
+        qa = text_answer_accuracy(model, tok, probes)
+        metrics.update(text_qa_accuracy=qa["accuracy"], text_qa_accuracy_by_type=qa["accuracy_by_type"],
+                       n_text_qa=len(probes))
     if profile.llm_checkpoint:  # full: Phi-2's own loss on the very same held-out blocks
         from transformers import AutoModelForCausalLM
 
@@ -120,10 +135,23 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
 def ensure_base_lm(profile, paths: Paths):
     if profile.llm_checkpoint:
         return profile.llm_checkpoint
+    tok = ensure_tokenizer(profile, paths)
     if not (paths.base_lm / "config.json").exists():
-        _notice(f"no pretrained base LM at {paths.base_lm}: running stage 01 now (about a minute in tiny mode).")
+        _notice(f"no pretrained base LM at {paths.base_lm}: running stage 01 now (a few minutes in tiny mode).")
+        pretrain_stage(profile, paths)
+    elif load_tokenizer_vocab(paths.base_lm) != tok.get_vocab():
+        _notice(f"the base LM at {paths.base_lm} was trained with another tokenizer: running stage 01 again.")
         pretrain_stage(profile, paths)
     return paths.base_lm
+
+
+def load_tokenizer_vocab(path) -> dict | None:
+    from .tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path).get_vocab()
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------ vision tower

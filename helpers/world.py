@@ -10,10 +10,10 @@ derives everything the course needs, in the real data sets' formats:
 * a plain-text pretraining corpus (dialogues that describe a scene, then answer questions about it).
 
 Why one kind of object per scene: with several differently coloured objects, nearly every question needs two
-hops of attention (find the object the question names, then read its attribute). A 1M-parameter Phi needs
-thousands of steps to learn that; within the tiny budget it stayed at 55-62% held-out accuracy (measured, even
-with perfect symbolic image features). Scenes of one kind keep colour, shape, count and position questions
-answerable with one look at the image tokens.
+hops of attention (find the object the question names, then read its attribute). Within the tiny budget that
+world stayed at 55-62% held-out accuracy, even with perfect symbolic image features (measured with an earlier
+stage-01 LM that had not yet learned to read its context, see ``pretrain.pack_documents``). Scenes of one kind
+keep colour, shape, count and position questions answerable with one look at the image tokens.
 
 All of it is deterministic from a seed; the held-out split uses a disjoint seed stream and is never trained on.
 """
@@ -188,6 +188,25 @@ def corpus_document(scene: Scene, rng: random.Random, turns: int, eos: str) -> s
     return render_text_dialogue(dialogue, eos)
 
 
+def described_questions(n_scenes: int, seed: int) -> list[dict]:
+    """Text-only probes of the pretrained LM: a fresh scene's caption as the first answer, then one question of
+    each type. Returns [{"messages", "answer", "type"}]; `messages` end with the user's question. The seed stream
+    (``spec.seed * 1000 + 4`` in the course) is disjoint from every split that is trained on."""
+    from .chat_template import user_message
+
+    rng = random.Random(seed)
+    probes = []
+    for _ in range(n_scenes):
+        scene = sample_scene(rng)
+        context = [user_message(CAPTION_REQUEST, with_image=False), {"role": "assistant", "content": caption(scene)}]
+        for qtype in QUESTION_TYPES:
+            asked = None if qtype == "follow-up" else ask(scene, qtype, rng)
+            if asked is not None:
+                probes.append({"messages": context + [user_message(asked[0], with_image=False)],
+                               "answer": asked[1], "type": qtype})
+    return probes
+
+
 # ------------------------------------------------------------------------------------------------ files
 @dataclass
 class WorldFiles:
@@ -209,9 +228,32 @@ class WorldFiles:
     def scenes(self, split: str) -> Path:
         return self.root / f"scenes_{split}.json"
 
-    def complete(self) -> bool:
-        return all(p.exists() for p in [self.corpus, self.captions("train"), self.captions("val"),
-                                        self.instruct("train"), self.instruct("val"), self.root / "DONE"])
+    @property
+    def stamp(self) -> Path:
+        """Written last: the settings the world was generated with (a world made with other settings is stale)."""
+        return self.root / "DONE"
+
+    def complete(self, spec=None) -> bool:
+        files = [self.corpus, self.captions("train"), self.captions("val"), self.instruct("train"),
+                 self.instruct("val"), self.stamp]
+        if not all(p.exists() for p in files):
+            return False
+        return spec is None or self.stamp.read_text() == spec_stamp(spec)
+
+    def remove(self) -> None:
+        """Delete what `build_world` writes (and nothing else under the root)."""
+        import shutil
+
+        for split in ("train", "val"):
+            shutil.rmtree(self.images(split), ignore_errors=True)
+            for p in (self.captions(split), self.instruct(split), self.scenes(split)):
+                p.unlink(missing_ok=True)
+        self.corpus.unlink(missing_ok=True)
+        self.stamp.unlink(missing_ok=True)
+
+
+def spec_stamp(spec) -> str:
+    return json.dumps(asdict(spec), sort_keys=True) + "\n"
 
 
 def _write_split(files: WorldFiles, split: str, n: int, seed: int, image_size: int, turns: int,
@@ -247,18 +289,19 @@ def build_world(root: str | Path, spec, eos: str = "<|endoftext|>", progress: bo
                 force: bool = False) -> WorldFiles:
     """Generate (or reuse) the synthetic world under `root`. Returns the file locations."""
     files = WorldFiles(Path(root))
-    if files.complete() and not force:
+    if files.complete(spec) and not force:
         return files
+    files.remove()  # a world of other settings (or a half-written one) is replaced, never mixed with the new one
     files.root.mkdir(parents=True, exist_ok=True)
     _write_split(files, "train", spec.n_train_images, spec.seed * 1000 + 1, spec.image_size,
                  spec.turns_per_conversation, progress)
     _write_split(files, "val", spec.n_heldout_images, spec.seed * 1000 + 2, spec.image_size,
                  spec.turns_per_conversation, progress)
     rng = random.Random(spec.seed * 1000 + 3)
-    docs = [corpus_document(sample_scene(rng), rng, spec.turns_per_conversation, eos)
+    docs = [corpus_document(sample_scene(rng), rng, spec.corpus_questions, eos)
             for _ in range(spec.n_corpus_scenes)]
     files.corpus.write_text("\n".join(docs) + "\n")
-    (files.root / "DONE").write_text("ok\n")
+    files.stamp.write_text(spec_stamp(spec))
     return files
 
 

@@ -1,4 +1,5 @@
 """Packing for pretraining: whole documents per block, padding masked by length, every real EOS a target."""
+import pytest
 import torch
 
 from helpers.pretrain import PackedBlocks, pack_documents, split_blocks
@@ -34,3 +35,83 @@ def test_split_is_disjoint_and_complete(tok):
     (tr, trm), (ho, hom) = split_blocks((ids, torch.ones_like(ids)), heldout_fraction=0.25, seed=0)
     assert len(tr) == 15 and len(ho) == 5
     assert sorted(torch.cat([tr, ho])[:, 0].tolist()) == ids[:, 0].tolist()
+
+
+def test_text_probes_describe_a_scene_then_ask_one_question_per_type():
+    from helpers.world import CAPTION_REQUEST, QUESTION_TYPES, described_questions
+
+    probes = described_questions(30, seed=4)
+    assert probes == described_questions(30, seed=4)  # deterministic
+    assert {p["type"] for p in probes} == set(QUESTION_TYPES) - {"follow-up"}
+    for p in probes:
+        request, described, question = p["messages"]
+        assert request == {"role": "user", "content": CAPTION_REQUEST}
+        assert described["role"] == "assistant" and question["role"] == "user"
+        assert "<image>" not in question["content"]  # text only: the description is the only evidence
+        if p["type"] in ("colour", "shape"):
+            assert p["answer"] in described["content"]
+
+
+class AnswerKnower:
+    """A stand-in LM whose "generation" appends the right answer + EOS (+ padding, as batched generate does).
+
+    It reads the answer off the prompt text, so it checks that the scorer cuts the new tokens correctly out of
+    left-padded rows and decodes them the way the chat template wrote them."""
+
+    def __init__(self, tok, probes, wrong_type=None):
+        from helpers.chat_template import render
+
+        self.tok, self.device = tok, torch.device("cpu")
+        self.answers = {render(p["messages"], tok.eos_token, add_generation_prompt=True):
+                        ("maybe" if p["type"] == wrong_type else p["answer"]) for p in probes}
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            assert mask[-1] == 1  # left padding: every prompt ends at the right edge
+            prompt = self.tok.decode(ids[mask == 1])
+            new = self.tok(" " + self.answers[prompt], add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            rows.append(ids.tolist() + (new + [self.tok.pad_token_id] * max_new_tokens)[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+def test_text_answer_accuracy_scores_exactly_per_type(tok):
+    from helpers.pretrain import text_answer_accuracy
+    from helpers.world import described_questions
+
+    probes = described_questions(20, seed=5)
+    perfect = text_answer_accuracy(AnswerKnower(tok, probes), tok, probes, batch_size=7)
+    assert perfect["accuracy"] == 1.0 and set(perfect["accuracy_by_type"].values()) == {1.0}
+    no_yes_no = text_answer_accuracy(AnswerKnower(tok, probes, wrong_type="yes/no"), tok, probes, batch_size=7)
+    assert no_yes_no["accuracy_by_type"]["yes/no"] == 0.0 and no_yes_no["accuracy_by_type"]["colour"] == 1.0
+    n_yes_no = sum(p["type"] == "yes/no" for p in probes)
+    assert no_yes_no["accuracy"] == pytest.approx(1 - n_yes_no / len(probes))
+
+
+def test_batched_text_answers_equal_one_at_a_time(tok, profile):
+    """Left padding must not change what the LM answers (pad == EOS; positions come from the attention mask)."""
+    from helpers.modeling import new_phi_lm
+    from helpers.pretrain import text_answer_accuracy
+    from helpers.world import described_questions
+
+    lm = new_phi_lm(profile.pretrain_phi, tok, seed=0)
+    probes = described_questions(6, seed=6)
+    seen = []
+    original = lm.generate
+
+    def recording_generate(**kw):
+        out = original(**kw)
+        width = kw["input_ids"].shape[1]
+        seen.extend(out[:, width:].tolist())
+        return out
+
+    lm.generate = recording_generate
+    text_answer_accuracy(lm, tok, probes, batch_size=len(probes))
+    batched, seen[:] = list(seen), []
+    text_answer_accuracy(lm, tok, probes, batch_size=1)
+    assert len(batched) == len(seen) == len(probes)
+    for a, b in zip(batched, seen):
+        assert a[: len(b)] == b[: len(a)]

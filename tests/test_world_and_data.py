@@ -114,3 +114,26 @@ def test_conversations_over_the_context_are_skipped(world, tok):
     ds = ConversationDataset(records, tok, image_seq_length=16, max_length=cut)
     assert ds.report.skipped["over the context length"] == sum(n > cut for n in lengths)
     assert len(ds) == sum(n <= cut for n in lengths)
+
+
+def test_a_world_of_other_settings_is_replaced_and_the_tokenizer_follows(tmp_path, profile):
+    import dataclasses
+
+    from helpers import stages
+    from helpers.config import Paths
+
+    paths = Paths(profile, tmp_path)
+    first = stages.ensure_world(profile, paths)
+    corpus = first.corpus.read_text()
+    tok_file = paths.tokenizer / "tokenizer.json"
+    stages.ensure_tokenizer(profile, paths)
+    trained_at = tok_file.stat().st_mtime_ns
+    stages.ensure_tokenizer(profile, paths)
+    assert tok_file.stat().st_mtime_ns == trained_at  # same world: reused, not retrained
+
+    other = dataclasses.replace(profile, world=dataclasses.replace(profile.world, corpus_questions=2))
+    second = stages.ensure_world(other, paths)
+    assert second.complete(other.world) and not second.complete(profile.world)
+    assert second.corpus.read_text() != corpus  # regenerated, not reused
+    stages.ensure_tokenizer(other, paths)
+    assert tok_file.stat().st_mtime_ns != trained_at  # trained on the new world's text
