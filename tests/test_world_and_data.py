@@ -137,3 +137,22 @@ def test_a_world_of_other_settings_is_replaced_and_the_tokenizer_follows(tmp_pat
     assert second.corpus.read_text() != corpus  # regenerated, not reused
     stages.ensure_tokenizer(other, paths)
     assert tok_file.stat().st_mtime_ns != trained_at  # trained on the new world's text
+
+
+def test_a_base_lm_trained_with_another_tokenizer_is_retrained(tmp_path, profile, monkeypatch):
+    from helpers import stages
+    from helpers.config import Paths
+    from helpers.tokenizer import train_bpe_tokenizer
+
+    paths = Paths(profile, tmp_path)
+    tok = stages.ensure_tokenizer(profile, paths)
+    calls = []
+    monkeypatch.setattr(stages, "pretrain_stage", lambda profile, paths: calls.append("01"))
+    paths.base_lm.mkdir(parents=True)
+    (paths.base_lm / "config.json").write_text("{}")
+    tok.save_pretrained(paths.base_lm)
+    stages.ensure_base_lm(profile, paths)
+    assert calls == []  # same tokenizer: the saved LM is used
+    train_bpe_tokenizer(["a b c d e f g"] * 50, vocab_size=300, out_dir=paths.base_lm)
+    stages.ensure_base_lm(profile, paths)
+    assert calls == ["01"]  # its vocabulary no longer matches: stage 01 runs again
