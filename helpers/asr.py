@@ -62,13 +62,14 @@ ASR_SETTINGS = {
 
 
 def settings_for(profile, backend: str | None = None, model: str | None = None) -> ASRSettings:
-    """The profile's recogniser, overridable with arguments or ``MMPHI_ASR_BACKEND`` / ``MMPHI_WHISPER_MODEL``."""
+    """The profile's recogniser. The model is the profile's ``whisper`` source (``MMPHI_WHISPER``: a Whisper model
+    name or a local checkpoint) when it has one; ``MMPHI_ASR_BACKEND`` or the arguments override."""
     import dataclasses
 
     name = getattr(profile, "name", profile)
     base = ASR_SETTINGS.get(name, ASR_SETTINGS["tiny"])
     backend = backend or os.environ.get("MMPHI_ASR_BACKEND") or base.backend
-    model = model or os.environ.get("MMPHI_WHISPER_MODEL") or base.model
+    model = model or getattr(profile, "whisper_checkpoint", None) or os.environ.get("MMPHI_WHISPER") or base.model
     if backend not in ("faster-whisper", "openai-whisper"):
         raise ValueError(f"unknown ASR backend {backend!r}: use 'faster-whisper' or 'openai-whisper'")
     return dataclasses.replace(base, backend=backend, model=model)
@@ -324,11 +325,17 @@ class OpenAIWhisperTranscriber(Transcriber):
         import torch
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        source = os.path.expanduser(settings.model)
+        if source not in whisper.available_models() and not os.path.isfile(source):
+            raise ASRUnavailable(f"MMPHI_WHISPER = {settings.model!r}: expected an openai-whisper model name "
+                                 f"({', '.join(whisper.available_models())}) or a .pt checkpoint file, but "
+                                 f"{os.path.abspath(source)} does not exist.")
         try:
-            self.model = whisper.load_model(settings.model, device=self.device)
-        except Exception as exc:  # the checkpoint is downloaded on first use: no network -> say so
-            raise ASRUnavailable(f"could not load the openai-whisper model {settings.model!r} "
-                                 f"(it is downloaded on first use): {exc}") from exc
+            self.model = whisper.load_model(source, device=self.device)
+        except Exception as exc:  # a name is downloaded on first use: no network -> say so
+            raise ASRUnavailable(f"MMPHI_WHISPER = {settings.model!r}: could not load this openai-whisper model "
+                                 f"({'a local file' if os.path.isfile(source) else 'downloaded on first use'}): "
+                                 f"{type(exc).__name__}: {exc}") from exc
         self.name = f"openai-whisper:{settings.model}"
 
     def _transcribe(self, audio):

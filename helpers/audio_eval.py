@@ -20,9 +20,6 @@ from . import asr as speech
 from .chat_template import IMAGE_TOKEN
 from .multimodal_data import Record
 
-# how many held-out questions notebook 04 asks by voice (tiny: all 300 conversations = 900 questions, made of
-# 37 distinct sentences; full: open-ended LLaVA questions, each one synthesised and transcribed)
-MAX_QUESTIONS = {"tiny": 900, "full": 60}
 
 
 def typed_question(message: dict) -> str:
@@ -153,7 +150,9 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
 
     start = time.perf_counter()
     if max_questions == -1:
-        max_questions = MAX_QUESTIONS.get(profile.name)
+        # Profile.n_audio_questions (tiny: all 900 held-out questions, made of a few dozen distinct sentences;
+        # full: 60 open-ended LLaVA questions, each one synthesised and transcribed)
+        max_questions = profile.n_audio_questions
     asr = asr or speech.load_asr(profile)  # ASRUnavailable says what to install
     audio_dir = paths.root / "audio"
     val, _ = stages.instruct_records(profile, paths, "val")
@@ -165,11 +164,9 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
     transcripts = transcribe_questions(asr, wavs, audio_dir, progress)
     t2 = time.perf_counter()
     if model is None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from .inference import load_assistant
 
-        checkpoint = stages.ensure_assistant(profile, paths)
-        model = AutoModelForImageTextToText.from_pretrained(str(checkpoint))
-        processor = AutoProcessor.from_pretrained(str(checkpoint))
+        model, processor = load_assistant(stages.ensure_assistant(profile, paths))
     typed = evaluate_conversations(model, processor, records, max_new_tokens=profile.max_new_tokens,
                                    progress=progress)
     spoken = evaluate_conversations(model, processor, spoken_records(records, transcripts),

@@ -4,11 +4,15 @@ Both profiles run the same code. They differ only in sizes, checkpoint names and
 
 * ``tiny``  – offline, 2 CPU cores, minutes. Small models of the *same architectures* (Phi, CLIP ViT, LLaVA
   projector) built from configs and trained on a synthetic world written in the real file formats.
-* ``full``  – a GPU (Colab T4 / SageMaker): microsoft/phi-2, openai/clip-vit-base-patch32, COCO 2017 captions
-  and LLaVA-Instruct-150K from the Hub.
+* ``full``  – a GPU (Colab T4 / SageMaker): microsoft/phi-2, openai/clip-vit-base-patch32, COCO 2017 captions,
+  LLaVA-Instruct-150K, TinyStories, POPE and Whisper; every one of these *sources* is a setting that takes a Hub id
+  (optionally ``@revision``) or a local path (:data:`SOURCES`, resolved by :mod:`helpers.sources`).
 
 Pick one with the ``MMPHI_PROFILE`` environment variable or the ``PROFILE`` parameter cell of a notebook;
-without either, ``full`` is chosen when CUDA is available and ``tiny`` otherwise.
+without either, ``full`` is chosen when CUDA is available and ``tiny`` otherwise. Any field can then be changed
+without editing code: ``MMPHI_SETTINGS="instruct.max_steps=3,n_train_samples=64"`` or the ``SETTINGS`` parameter
+of a notebook (``{"instruct.max_steps": 3, "phi2": "/data/phi-2"}``), and each source by its own environment
+variable (``MMPHI_PHI2=/data/phi-2``). See :func:`get_profile`.
 """
 from __future__ import annotations
 
@@ -19,6 +23,44 @@ from pathlib import Path
 
 PROFILE_ENV = "MMPHI_PROFILE"
 OUTPUT_ENV = "MMPHI_OUTPUT_DIR"
+SETTINGS_ENV = "MMPHI_SETTINGS"
+
+
+@dataclass(frozen=True)
+class SourceSetting:
+    """One external source of the full profile: the setting that names it and what it must contain."""
+
+    env: str  # environment variable (also the key of the notebooks' SETTINGS dict, lower-cased without MMPHI_)
+    fields: tuple[str, ...]  # the Profile fields it sets
+    what: str  # what is expected there, for error messages
+    repo_type: str | None  # "model" / "dataset" on the Hub; None: not a Hub repository (URL, whisper name)
+
+
+SOURCES = {
+    "phi2": SourceSetting("MMPHI_PHI2", ("llm_checkpoint", "tokenizer_checkpoint"),
+                          "a Phi-2 checkpoint folder (config.json, *.safetensors, tokenizer files)", "model"),
+    "clip": SourceSetting("MMPHI_CLIP", ("clip_checkpoint",),
+                          "a CLIP checkpoint folder (config.json, preprocessor_config.json, weights)", "model"),
+    "coco": SourceSetting("MMPHI_COCO", ("coco_dataset",),
+                          "COCO 2017 captions as phiyodr/coco2017 parquet (data/train-*.parquet, "
+                          "data/validation-*.parquet)", "dataset"),
+    "coco_images": SourceSetting("MMPHI_COCO_IMAGES", ("coco_images",),
+                                 "where COCO images are fetched from: a URL base (http://, https://, file://) or a "
+                                 "folder with train2017/ and val2017/", None),
+    "llava_instruct": SourceSetting("MMPHI_LLAVA_INSTRUCT", ("llava_instruct_repo",),
+                                    "LLaVA-Instruct conversations (a folder or repo holding llava_instruct_150k.json, "
+                                    "or the JSON file itself)", "dataset"),
+    "tinystories": SourceSetting("MMPHI_TINYSTORIES", ("pretrain_text_dataset",),
+                                 "TinyStories as parquet (data/train-*.parquet with a 'text' column)", "dataset"),
+    "whisper": SourceSetting("MMPHI_WHISPER", ("whisper_checkpoint",),
+                             "an openai-whisper model name (tiny, base, small, ...) or a local .pt checkpoint", None),
+    "pope": SourceSetting("MMPHI_POPE", ("pope_dataset",),
+                          "POPE as lmms-lab/POPE parquet (data/test-*.parquet with question, answer, category, "
+                          "image)", "dataset"),
+}
+# Hub revisions the course was checked against (a user can override with "<id>@<revision>"). Only Phi-2's commit
+# is known exactly (../shared/hub_formats.md); the other repositories are read at "main" until a full run pins them.
+PINNED_REVISIONS = {"microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23"}
 
 
 @dataclass(frozen=True)
@@ -85,12 +127,22 @@ class Profile:
     phi: PhiSpec
     vision: VisionSpec
     world: WorldSpec | None
-    # data sources (full): Hub ids; tiny: generated under <output>/data/world
+    # data sources (full): Hub ids or local paths (see SOURCES); tiny: generated under <output>/data/world
     coco_dataset: str | None = None
+    coco_images: str | None = None
     llava_instruct_repo: str | None = None
     llava_instruct_file: str | None = None
     pretrain_text_dataset: str | None = None
-    n_train_samples: int | None = None  # cap on records per stage (full); None = all
+    pope_dataset: str | None = None
+    whisper_checkpoint: str | None = None  # None: the profile's default recogniser (helpers.asr)
+    # how much data (full): images for stage 02, conversations for stage 03, stories for stage 01; None = all
+    n_train_samples: int | None = None
+    n_pope_questions: int = 0  # POPE questions asked after stage 03, spread over its three categories (0 = none)
+    n_freeform_questions: int = 0  # held-out free-form questions judged by helpers.evaluation.judge_freeform
+    n_audio_questions: int | None = None  # held-out questions asked by voice in notebook 04 (None = all)
+    # a later notebook trains a missing earlier stage on the spot only when this is true (tiny: minutes; full:
+    # hours, so it must be asked for explicitly)
+    train_missing_stages: bool = False
     # stage 01: the small Phi pretrained from scratch (in tiny mode it is *the* LLM of the course)
     pretrain_phi: PhiSpec = field(default_factory=PhiSpec)
     pretrain: StageSpec = field(default_factory=lambda: StageSpec(learning_rate=1e-3, batch_size=32))
@@ -167,6 +219,8 @@ TINY = Profile(
     gradient_checkpointing=False,
     max_new_tokens=16,
     n_eval_samples=300,
+    n_audio_questions=900,
+    train_missing_stages=True,
 )
 
 FULL = Profile(
@@ -178,10 +232,16 @@ FULL = Profile(
     vision=VisionSpec(),  # ViT-B/32 at 224 px: 49 patches + CLS
     world=None,
     coco_dataset="phiyodr/coco2017",
+    coco_images="http://images.cocodataset.org",
     llava_instruct_repo="liuhaotian/LLaVA-Instruct-150K",
     llava_instruct_file="llava_instruct_150k.json",
     pretrain_text_dataset="roneneldan/TinyStories",
+    pope_dataset="lmms-lab/POPE",
+    whisper_checkpoint="small",
     n_train_samples=20000,
+    n_pope_questions=900,
+    n_freeform_questions=50,
+    n_audio_questions=60,
     # a ~40M-parameter Phi pretrained from scratch in notebook 01 (educational; Phi-2 is the course's LLM)
     pretrain_phi=PhiSpec(
         hidden_size=512,
@@ -219,13 +279,84 @@ def default_profile_name() -> str:
     return "full" if torch.cuda.is_available() else "tiny"
 
 
-def get_profile(name: str | None = None) -> Profile:
-    """The profile called `name`, or the one chosen by ``MMPHI_PROFILE`` / the hardware when `name` is None."""
+def get_profile(name: str | None = None, settings: dict | None = None) -> Profile:
+    """The profile called `name` (or the one chosen by ``MMPHI_PROFILE`` / the hardware when `name` is None), with
+    the user's settings applied, in this order (a later one wins):
+
+    1. each source's environment variable (``MMPHI_PHI2``, ``MMPHI_COCO``, ... : :data:`SOURCES`);
+    2. ``MMPHI_SETTINGS``: comma-separated ``key=value`` pairs, e.g. ``"instruct.max_steps=3,n_train_samples=64"``;
+    3. `settings` (the notebooks' ``SETTINGS`` parameter): a dict with the same keys.
+
+    Keys are Profile fields (``n_train_samples``), fields of a stage (``instruct.batch_size``, ``pretrain.max_steps``,
+    ``world.seed``, ...) or source names (``phi2``, ``coco``, ...). Unknown keys raise, so a typo never goes unnoticed.
+    """
     name = (name or default_profile_name()).strip().lower()
     if name not in PROFILES:
         raise ValueError(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          f"(set {PROFILE_ENV} or the PROFILE parameter of the notebook).")
-    return PROFILES[name]
+    profile = PROFILES[name]
+    from_env = {key: os.environ[src.env] for key, src in SOURCES.items() if os.environ.get(src.env)}
+    profile = with_settings(profile, from_env, origin="environment")
+    profile = with_settings(profile, parse_settings(os.environ.get(SETTINGS_ENV, "")), origin=SETTINGS_ENV)
+    return with_settings(profile, settings or {}, origin="SETTINGS")
+
+
+def parse_settings(text: str) -> dict[str, str]:
+    """``"a=1, b.c=x"`` -> ``{"a": "1", "b.c": "x"}`` (values are converted by :func:`with_settings`)."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{SETTINGS_ENV}: {item!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _converted(value, like, key: str):
+    """`value` (often a string from the environment) in the type of the current value `like`."""
+    if not isinstance(value, str) or isinstance(like, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("none", "null", ""):
+        return None
+    if isinstance(like, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"setting {key}: {value!r} is not true/false")
+    for kind in (int, float):
+        if isinstance(like, kind) or like is None:
+            try:
+                return kind(text)
+            except ValueError:
+                if like is not None:
+                    raise ValueError(f"setting {key}: {value!r} is not a {kind.__name__}") from None
+    return text
+
+
+def with_settings(profile: Profile, settings: dict, origin: str = "settings") -> Profile:
+    """`profile` with `settings` applied (see :func:`get_profile` for the keys)."""
+    for key, value in settings.items():
+        if key in SOURCES or key.upper() in {s.env for s in SOURCES.values()}:
+            source = SOURCES.get(key) or next(s for s in SOURCES.values() if s.env == key.upper())
+            profile = profile.replace(**{f: (str(value) if value is not None else None) for f in source.fields})
+            continue
+        head, _, rest = key.partition(".")
+        if not hasattr(profile, head) or (rest and not dataclasses.is_dataclass(getattr(profile, head))):
+            known = sorted({f.name for f in dataclasses.fields(profile)} | set(SOURCES))
+            raise ValueError(f"{origin}: unknown setting {key!r}. Known: {', '.join(known)} "
+                             "(stage fields as e.g. instruct.batch_size)")
+        if not rest:
+            profile = profile.replace(**{head: _converted(value, getattr(profile, head), key)})
+            continue
+        spec = getattr(profile, head)
+        if not hasattr(spec, rest):
+            raise ValueError(f"{origin}: {head} has no setting {rest!r} "
+                             f"(it has {', '.join(f.name for f in dataclasses.fields(spec))})")
+        spec = dataclasses.replace(spec, **{rest: _converted(value, getattr(spec, rest), key)})
+        profile = profile.replace(**{head: spec})
+    return profile
 
 
 def output_dir(profile: Profile, root: str | os.PathLike | None = None) -> Path:

@@ -106,16 +106,11 @@ class DemoBackend:
     @classmethod
     def from_profile(cls, profile, paths, load_speech: bool = True):
         """The stage-03 assistant (trained on the spot with a NOTICE when missing) + the profile's Whisper."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
+        from .inference import load_assistant
         from .stages import ensure_assistant
 
-        checkpoint = ensure_assistant(profile, paths)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        # bf16 where the GPU supports it, fp32 otherwise - never fp16 (overflow in Phi attention)
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), dtype=dtype).to(device)
-        processor = AutoProcessor.from_pretrained(str(checkpoint))
+        # bf16 where the GPU has it natively, fp32 otherwise - never fp16 (overflow in Phi attention)
+        model, processor = load_assistant(ensure_assistant(profile, paths))
         loader = (lambda: speech.try_load_asr(profile)) if load_speech else (lambda: (None, "voice input is off"))
         return cls(model, processor, asr_loader=loader, max_new_tokens=profile.max_new_tokens)
 

@@ -1,75 +1,248 @@
-"""Full profile: fetch the real data sets once, to local disk, in the formats the readers expect.
+"""Full profile: the real data sets, prepared once on local disk in the formats the readers expect.
 
-* COCO 2017 captions: rows of ``profile.coco_dataset`` (file name, image URL, captions) -> ``images/`` +
-  ``annotations/captions_<split>2017.json``; images are downloaded once here, never inside a training step.
-* LLaVA-Instruct-150K: ``llava_instruct_150k.json`` from the Hub; its images are COCO train2017 files, so
-  records whose image was not fetched are skipped (and counted) by the reader.
+Each source is a Hub id or a local path (:mod:`helpers.sources`); images are fetched by
+:func:`helpers.downloads.fetch_all` (parallel, resumable, atomic, retried), never inside a training step.
 
-This module needs the network and is not exercised offline; the readers it feeds are (tests/test_data.py).
+* **COCO 2017 captions** (``phiyodr/coco2017`` parquet: one row per image with its captions and ``coco_url``) ->
+  ``data/coco/annotations/captions_<split>2017.json`` (the official COCO captions layout) + ``data/coco/<split>2017/``.
+  ``n_train_samples`` counts *images* for stage 02 (every caption of each image is used); ``n_eval_samples``
+  images of the validation split are held out.
+* **LLaVA-Instruct-150K** (one JSON list): split into training and held-out conversations **by image** (an image's
+  conversations are all on one side), ``n_train_samples`` / ``n_eval_samples`` conversations; their images are
+  COCO train2017 files, fetched like the captions' images.
+* **TinyStories** (parquet shards): only as many shards as the first ``n`` stories need (a sliced download: the
+  first shard holds ~530k stories), read lazily.
+* **POPE** (``lmms-lab/POPE`` parquet, images embedded): ``n`` questions spread evenly over its three categories.
+
+Every prepared file carries a stamp of the settings it was made from; other settings (another source, revision or
+size) prepare it again instead of reusing a stale copy.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
+from . import sources
+from .downloads import fetch_all
+from .sources import SourceError
 
-def _fetch(url: str, target: Path, tries: int = 3) -> bool:
-    for attempt in range(tries):
+COCO_COLUMNS = ("file_name", "coco_url", "image_id", "captions")
+POPE_COLUMNS = ("question", "answer", "category", "image")
+POPE_CATEGORIES = ("adversarial", "popular", "random")
+HELD_OUT_PERCENT = 1  # LLaVA-Instruct: images whose name hashes into this percentage are held out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _stamp(**settings) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _fresh(stamp_file: Path, stamp: str, *outputs: Path) -> bool:
+    return stamp_file.exists() and stamp_file.read_text() == stamp and all(p.exists() for p in outputs)
+
+
+def _revision(spec: str) -> str:
+    return "" if sources.is_local(spec) or sources.is_url(spec) else sources.parse_hub_id(spec)[1]
+
+
+def read_parquet_rows(files: list[Path], columns: tuple[str, ...], key: str, spec: str, limit: int | None = None,
+                      where=None):
+    """Rows (dicts) of parquet `files` in order, lazily, up to `limit` (rows for which `where(row)` is true)."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for path in files:
         try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                target.write_bytes(r.read())
-            return True
-        except OSError:
-            time.sleep(2 ** attempt)
-    return False
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:
+            raise SourceError(f"{sources.setting_label(key, spec)}: {path} is not a readable parquet file "
+                              f"({type(exc).__name__}: {exc}).") from exc
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise SourceError(f"{sources.setting_label(key, spec)}: {path.name} lacks the columns {missing} "
+                              f"(it has {parquet.schema_arrow.names}); expected {sources.SOURCES[key].what}.")
+        for batch in parquet.iter_batches(batch_size=512, columns=list(columns)):
+            for row in batch.to_pylist():
+                if where is not None and not where(row):
+                    continue
+                yield row
+                n += 1
+                if limit is not None and n >= limit:
+                    return
 
 
+def image_url(base: str, coco_url: str | None, split_dir: str, file_name: str) -> str:
+    """The image's URL under the configured base: the path of its ``coco_url`` (``/train2017/x.jpg``) if given."""
+    path = urllib.parse.urlparse(coco_url).path if coco_url else f"/{split_dir}/{file_name}"
+    return base + path
+
+
+# ------------------------------------------------------------------------------------------------ COCO
 def coco_caption_files(profile, paths, split: str):
+    """(captions JSON, image folder) of `split` ("train" or "val"), prepared once."""
+    spec = profile.coco_dataset
     root = paths.root / "data" / "coco"
     annotation_file = root / "annotations" / f"captions_{split}2017.json"
     image_dir = root / f"{split}2017"
-    if annotation_file.exists():
-        return annotation_file, image_dir
-    from datasets import load_dataset
-    from tqdm.auto import tqdm
-
-    hub_split = "train" if split == "train" else "validation"
     limit = profile.n_train_samples if split == "train" else profile.n_eval_samples
-    rows = load_dataset(profile.coco_dataset, split=hub_split, streaming=True)
-    image_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _stamp(source=spec, revision=_revision(spec), images=profile.coco_images, split=split, limit=limit)
+    stamp_file = annotation_file.with_suffix(".settings.json")
+    if _fresh(stamp_file, stamp, annotation_file):
+        return annotation_file, image_dir
+    folder = sources.source_folder(profile, "coco")
+    pattern = "data/train-*.parquet" if split == "train" else "data/validation-*.parquet"
+    rows = list(read_parquet_rows(sources.parquet_files(folder, pattern, "coco", spec), COCO_COLUMNS, "coco", spec,
+                                  limit))
+    base = sources.image_base(profile)
+    jobs = [(image_url(base, r["coco_url"], f"{split}2017", Path(r["file_name"]).name),
+             image_dir / Path(r["file_name"]).name) for r in rows]
+    report = fetch_all(jobs, desc=f"COCO {split}2017 images")
     images, annotations = [], []
-    for row in tqdm(rows, total=limit, desc=f"COCO {split} images"):
-        if len(images) >= limit:
-            break
+    for row in rows:
         name = Path(row["file_name"]).name
-        target = image_dir / name
-        if not target.exists() and not _fetch(row["coco_url"], target):
-            continue
-        image_id = int(row.get("image_id") or row.get("id") or len(images) + 1)
-        images.append({"id": image_id, "file_name": name})
-        for caption in row["captions"]:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
+        if not (image_dir / name).exists():
+            continue  # failed or unreadable: counted in the download report
+        images.append({"id": int(row["image_id"]), "file_name": name, "coco_url": row["coco_url"]})
+        for caption in row["captions"] or []:
+            annotations.append({"id": len(annotations) + 1, "image_id": int(row["image_id"]), "caption": caption})
+    if not images:
+        raise SourceError(f"{sources.setting_label('coco_images', profile.coco_images)}: none of the {len(rows)} "
+                          f"COCO {split} images could be fetched ({report.summary()}).")
     annotation_file.parent.mkdir(parents=True, exist_ok=True)
-    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations}))
+    annotation_file.write_text(json.dumps({
+        "info": {"description": f"COCO 2017 {split} captions via {spec}", "version": "1.0"},
+        "licenses": [], "images": images, "annotations": annotations}))
+    stamp_file.write_text(stamp)
     return annotation_file, image_dir
 
 
-def llava_instruct_files(profile, paths, split: str):
-    """LLaVA-Instruct-150K JSON; the last 1% of records is the held-out split."""
-    from huggingface_hub import hf_hub_download
+# -------------------------------------------------------------------------------------------- LLaVA-Instruct
+def held_out_image(image_name: str) -> bool:
+    """Whether an image's conversations are held out (by a hash of its name: stable, ~1 % of the images)."""
+    digest = hashlib.sha1(Path(image_name).name.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < HELD_OUT_PERCENT
 
+
+def split_by_image(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) records; every conversation about one image is on the same side."""
+    train, held = [], []
+    for record in records:
+        (held if held_out_image(record.get("image") or "") else train).append(record)
+    return train, held
+
+
+def llava_instruct_files(profile, paths, split: str):
+    """(LLaVA-Instruct JSON of `split`, image folder), prepared once for both splits."""
+    spec = profile.llava_instruct_repo
     root = paths.root / "data" / "llava"
-    out = root / f"llava_instruct_{split}.json"
-    _, image_dir = coco_caption_files(profile, paths, "train")
-    if not out.exists():
-        source = hf_hub_download(profile.llava_instruct_repo, profile.llava_instruct_file, repo_type="dataset")
-        data = json.loads(Path(source).read_text())
-        have = {p.name for p in image_dir.iterdir()}
-        data = [r for r in data if Path(r.get("image", "")).name in have]
-        cut = int(len(data) * 0.99)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "llava_instruct_train.json").write_text(json.dumps(data[:cut]))
-        (root / "llava_instruct_val.json").write_text(json.dumps(data[cut:]))
-    return out, image_dir
+    out = {s: root / f"llava_instruct_{s}.json" for s in ("train", "val")}
+    image_dir = paths.root / "data" / "coco" / "train2017"
+    stamp = _stamp(source=spec, file=profile.llava_instruct_file, revision=_revision(spec),
+                   images=profile.coco_images, train=profile.n_train_samples, val=profile.n_eval_samples,
+                   held_out_percent=HELD_OUT_PERCENT)
+    stamp_file = root / "settings.json"
+    if _fresh(stamp_file, stamp, *out.values()):
+        return out[split], image_dir
+    path = sources.source_file(profile, "llava_instruct", profile.llava_instruct_file)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{sources.setting_label('llava_instruct', spec)}: {path} is not readable JSON "
+                          f"({type(exc).__name__}).") from exc
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "conversations" in r for r in data[:100]):
+        raise SourceError(f"{sources.setting_label('llava_instruct', spec)}: {path} is not a JSON list of "
+                          "{id, image, conversations} records.")
+    train, held = split_by_image([r for r in data if r.get("image")])
+    chosen = {"train": train[: profile.n_train_samples], "val": held[: profile.n_eval_samples]}
+    base = sources.image_base(profile)
+    names = sorted({Path(r["image"]).name for part in chosen.values() for r in part})
+    fetch_all([(image_url(base, None, "train2017", n), image_dir / n) for n in names],
+              desc="LLaVA-Instruct images (COCO train2017)")
+    root.mkdir(parents=True, exist_ok=True)
+    for name, records in chosen.items():
+        kept = [dict(r, image=Path(r["image"]).name) for r in records if (image_dir / Path(r["image"]).name).exists()]
+        out[name].write_text(json.dumps(kept))
+    print(f"LLaVA-Instruct: {len(data)} records; {len(chosen['train'])} training and {len(chosen['val'])} held-out "
+          f"conversations chosen (held-out images: {HELD_OUT_PERCENT} % by name, never trained on)", flush=True)
+    stamp_file.write_text(stamp)
+    return out[split], image_dir
+
+
+# --------------------------------------------------------------------------------------------- TinyStories
+def pretrain_texts(profile, n: int) -> list[str]:
+    """The first `n` non-empty stories, downloading only the shards they are in."""
+    spec = profile.pretrain_text_dataset
+    texts = []
+    for path in _story_shards(profile, spec):
+        for row in read_parquet_rows([path], ("text",), "tinystories", spec):
+            if row["text"] and row["text"].strip():
+                texts.append(row["text"])
+                if len(texts) >= n:
+                    return texts
+    if not texts:
+        raise SourceError(f"{sources.setting_label('tinystories', spec)}: no text found.")
+    return texts
+
+
+def _story_shards(profile, spec: str):
+    if sources.is_local(spec):
+        yield from sources.parquet_files(sources.source_folder(profile, "tinystories"), "data/train-*.parquet",
+                                         "tinystories", spec)
+        return
+    for k in range(10_000):  # shard by shard: data/train-00000-of-000NN-<hash>.parquet, ...
+        try:
+            folder = sources.hub_snapshot("tinystories", spec, [f"data/train-{k:05d}-of-*.parquet"])
+        except SourceError:
+            if k == 0:
+                raise
+            return
+        found = sorted(folder.glob(f"data/train-{k:05d}-of-*.parquet"))
+        if not found:
+            if k == 0:
+                raise SourceError(f"{sources.setting_label('tinystories', spec)}: no data/train-*.parquet in "
+                                  f"{folder}.")
+            return
+        yield found[0]
+
+
+# ------------------------------------------------------------------------------------------------- POPE
+def pope_questions(profile, paths, n: int) -> list[dict]:
+    """`n` POPE questions (``n // 3`` per category, in file order) with their image saved once to disk.
+
+    Returns ``[{"question", "answer", "category", "image": Path, "question_id"}]``."""
+    spec = profile.pope_dataset
+    root = paths.root / "data" / "pope"
+    out = root / "questions.json"
+    stamp = _stamp(source=spec, revision=_revision(spec), n=n)
+    stamp_file = root / "settings.json"
+    if _fresh(stamp_file, stamp, out):
+        return [dict(r, image=Path(r["image"])) for r in json.loads(out.read_text())]
+    folder = sources.source_folder(profile, "pope")
+    files = sources.parquet_files(folder, "data/test-*.parquet", "pope", spec)
+    per_category = {c: 0 for c in POPE_CATEGORIES}
+    quota = max(1, n // len(POPE_CATEGORIES))
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def wanted(row):
+        return per_category.get(row["category"], quota) < quota
+
+    columns = POPE_COLUMNS + ("question_id", "image_source")
+    for row in read_parquet_rows(files, columns, "pope", spec, where=wanted):
+        per_category[row["category"]] += 1
+        image = row["image"] or {}
+        name = f"{row.get('image_source') or row['question_id']}.jpg"
+        target = root / "images" / name
+        if not target.exists() and image.get("bytes"):
+            part = target.with_name(name + ".part")
+            part.write_bytes(image["bytes"])
+            part.replace(target)
+        rows.append({"question": row["question"], "answer": row["answer"].strip().lower(),
+                     "category": row["category"], "image": str(target), "question_id": row.get("question_id")})
+        if all(v >= quota for v in per_category.values()):
+            break
+    out.write_text(json.dumps(rows, indent=1))
+    stamp_file.write_text(stamp)
+    return [dict(r, image=Path(r["image"])) for r in rows]

@@ -51,16 +51,52 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
     return results
 
 
+def load_assistant(checkpoint):
+    """The merged assistant of stage 03 with stock transformers, straight onto the device it runs on, in the
+    course's precision (bf16 on GPUs with native bf16, fp32 on a T4 or a CPU; never fp16), plus its processor.
+    Loading with ``device_map`` streams the safetensors shards to the GPU instead of building the model in host
+    memory first."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .instruct import run_device_and_dtype
+
+    device, dtype = run_device_and_dtype()
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), dtype=dtype, device_map={"": device})
+    return model.eval(), AutoProcessor.from_pretrained(str(checkpoint))
+
+
+def generation_batch_size(model, tokens_per_row: int, max_batch: int = 32, free_bytes: int | None = None,
+                          safety: float = 0.7) -> int:
+    """The largest batch (<= `max_batch`) whose KV cache and prefill activations fit the free GPU memory.
+
+    Per row, greedy generation keeps keys and values of every layer for `tokens_per_row` positions (prompt + new
+    tokens) and, during the prefill, a few hidden-state-sized activations per position and one row of logits.
+    On a CPU (no `free_bytes` given and no GPU) the batch is `max_batch`."""
+    if free_bytes is None:
+        if not torch.cuda.is_available():
+            return max_batch
+        free_bytes = torch.cuda.mem_get_info()[0]
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    _, dtype = _device_dtype(model)
+    width = torch.finfo(dtype).bits // 8
+    kv = 2 * config.num_hidden_layers * config.hidden_size * tokens_per_row * width
+    prefill = 6 * (config.intermediate_size or 4 * config.hidden_size) * tokens_per_row * width
+    logits = config.vocab_size * 4 * 2
+    per_row = kv + prefill + logits
+    return max(1, min(max_batch, int(safety * free_bytes // per_row)))
+
+
 def normalise(answer: str) -> str:
     return " ".join(answer.lower().strip().rstrip(".").split())
 
 
-def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, batch_size: int = 32,
+def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, batch_size: int | None = None,
                            progress: bool = True) -> dict:
     """Exact-match accuracy on held-out conversations, turn by turn with the gold history in the prompt.
 
     Every record needs ``meta["types"]`` (question type per turn). Returns overall and per-type accuracy, the
-    fraction of answers that ended with EOS, and every (question, expected, predicted) row.
+    fraction of answers that ended with EOS, and every (question, expected, predicted) row. `batch_size` None:
+    as many rows as the free GPU memory holds (:func:`generation_batch_size`, at most 32).
     """
     from tqdm.auto import tqdm
 
@@ -74,6 +110,10 @@ def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, 
             types = r.meta.get("types") or []
             jobs.append((r.image, prompt, assistant["content"], types[k] if k < len(types) else "open", question))
             history += [user, assistant]
+    if batch_size is None:
+        longest = max((len(processor.tokenizer(j[1])["input_ids"]) for j in jobs), default=0)
+        tokens = longest + getattr(model.config, "image_seq_length", 0) + max_new_tokens
+        batch_size = generation_batch_size(model, tokens)
     rows = []
     for i in tqdm(range(0, len(jobs), batch_size), desc="answering held-out questions", disable=not progress):
         chunk = jobs[i: i + batch_size]

@@ -44,7 +44,9 @@ def quantized_module_names(model) -> list[str]:
 def add_lora(model, profile):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.gradient_checkpointing)
+    # use_reentrant passed explicitly: PyTorch warns (and will raise) when checkpointing is called without it
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
                         target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"], bias="none",
                         task_type="CAUSAL_LM")
@@ -88,18 +90,58 @@ def effective_weight(layer) -> torch.Tensor:
     return out.T
 
 
+def export_device_and_dtype() -> tuple[str, torch.dtype]:
+    """Where and in which precision the merged assistant is built and stored: on the GPU in bf16 (half the bytes of
+    fp32; a T4 upcasts it to fp32 when it loads it, see :func:`run_device_and_dtype`), on the CPU in fp32."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def run_device_and_dtype() -> tuple[str, torch.dtype]:
+    """Where and in which precision the assistant answers: bf16 on GPUs with native bf16, fp32 on a T4 (never fp16,
+    which overflows in Phi attention) and on a CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}", torch.bfloat16 if bf16_supported() else torch.float32
+    return "cpu", torch.float32
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def _host_peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 @torch.no_grad()
-def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype=torch.float32):
+def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype: torch.dtype | None = None,
+                  device: str | None = None):
     """Save a plain LlavaForConditionalGeneration equal to the trained 4-bit + LoRA model.
 
-    Each quantized weight is dequantized (the values the adapters were trained against) and its LoRA delta
-    added; the trained projector copy replaces the original. The result loads with stock transformers.
+    Each quantized weight is dequantized (the values the adapters were trained against) and its LoRA delta added;
+    the trained projector copy replaces the original. The result loads with stock transformers.
+
+    The merged model is built where it will be used (:func:`export_device_and_dtype`: on the GPU in bf16, loaded
+    straight from the safetensors shards with ``device_map``), so the host never holds a full-precision copy of the
+    LLM (Phi-2 in fp32 would be ~11 GB: more than a Colab runtime's RAM). The memory each step needs is printed.
     """
     from peft.tuners.lora import LoraLayer
     from transformers import LlavaForConditionalGeneration
 
-    merged = LlavaForConditionalGeneration.from_pretrained(str(base_checkpoint), dtype=dtype)
+    auto_device, auto_dtype = export_device_and_dtype()
+    device, dtype = device or auto_device, dtype or auto_dtype
     wrapped = peft_model.get_base_model()
+    n_params = sum(p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)  # 4-bit: 2 per byte
+                   for n, p in wrapped.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
+    bytes_needed = n_params * torch.finfo(dtype).bits // 8
+    print(f"export: building the merged model on {device} in {str(dtype).replace('torch.', '')}: "
+          f"{_gib(bytes_needed)} on {'the GPU' if device.startswith('cuda') else 'the host'}"
+          + (f" (free now: {_gib(torch.cuda.mem_get_info()[0])})" if device.startswith("cuda") else "")
+          + "; weights stream from the stage-02 safetensors, one tensor at a time", flush=True)
+    merged = LlavaForConditionalGeneration.from_pretrained(str(base_checkpoint), dtype=dtype, device_map={"": device})
     for name, module in wrapped.named_modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -107,16 +149,17 @@ def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype=torch.f
         weight = effective_weight(base)
         delta = module.get_delta_weight("default")
         target = merged.get_submodule(name)
-        target.weight.copy_((weight.float() + delta.float()).to(dtype).cpu())
+        target.weight.copy_((weight.float() + delta.float()).to(target.weight.device, dtype))
         if base.bias is not None:
-            target.bias.copy_(base.bias.to(dtype).cpu())
+            target.bias.copy_(base.bias.to(target.bias.device, dtype))
     projector = wrapped.model.multi_modal_projector
     if hasattr(projector, "modules_to_save"):  # peft's ModulesToSaveWrapper: the trained copy
         projector = projector.modules_to_save["default"]
-    merged.model.multi_modal_projector.load_state_dict({k: v.to(dtype).cpu() for k, v in
-                                                        projector.state_dict().items()})
+    merged.model.multi_modal_projector.load_state_dict({k: v.to(dtype) for k, v in projector.state_dict().items()})
     merged.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     merged.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     merged.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    return merged
+    peak = f"GPU peak {_gib(torch.cuda.max_memory_allocated())}, " if device.startswith("cuda") else ""
+    print(f"export: saved to {out_dir} ({peak}host peak {_gib(_host_peak_bytes())})", flush=True)
+    return merged.eval()

@@ -106,7 +106,7 @@ class StandInTokenizer:
 
     @classmethod
     def for_profile(cls, profile) -> "StandInTokenizer":
-        if profile.tokenizer_checkpoint == "microsoft/phi-2":
+        if profile.tokenizer_checkpoint:  # Phi-2's tokenizer (from the Hub or a local copy)
             return cls(n_tokens=50295 + 1, eos_token_id=50256, image_token=50295)
         return cls(n_tokens=min(400, profile.phi.vocab_size), eos_token_id=0, image_token=1)
 

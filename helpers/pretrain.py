@@ -104,11 +104,9 @@ def load_text_documents(profile, paths) -> list[str]:
         from .world import build_world
 
         return read_corpus(build_world(paths.world, profile.world).corpus)
-    from datasets import load_dataset
+    from .hub_data import pretrain_texts
 
-    n = profile.n_train_samples or 20000
-    ds = load_dataset(profile.pretrain_text_dataset, split=f"train[:{n}]")
-    return [row["text"] for row in ds if row["text"].strip()]
+    return pretrain_texts(profile, profile.n_train_samples or 20000)
 
 
 def pretrain(profile, paths, tok, documents: list[str], callbacks=None, resume=None, save_steps=None):

@@ -23,8 +23,13 @@ def llm_dtype() -> torch.dtype:
 def load_base_lm(profile, paths):
     from transformers import PhiForCausalLM
 
-    source = profile.llm_checkpoint or paths.base_lm
-    if not profile.llm_checkpoint and not (paths.base_lm / "config.json").exists():
+    if profile.llm_checkpoint:
+        from .sources import model_path
+
+        source = model_path(profile, "phi2")
+    elif (paths.base_lm / "config.json").exists():
+        source = paths.base_lm
+    else:
         raise FileNotFoundError(f"No base LM at {paths.base_lm}: run 01_pretrain_phi.ipynb first "
                                 "(or helpers.stages.ensure_base_lm).")
     lm = PhiForCausalLM.from_pretrained(str(source), dtype=llm_dtype())

@@ -24,6 +24,49 @@ def _notice(text: str):
     print(f"NOTICE: {text}")
 
 
+class MissingStageError(RuntimeError):
+    """An earlier stage's output is missing and the profile does not train missing stages on the spot."""
+
+
+STAGE_NOTEBOOKS = {"pretrain": "01_pretrain_phi.ipynb", "vision_tower": "02_projection.ipynb",
+                   "projection": "02_projection.ipynb", "instruct": "03_qlora_instruct.ipynb"}
+
+
+def stage_time_estimate(profile, stage: str) -> str:
+    """How long training `stage` here would take, in words (the time plan on a GPU; CPU minutes in tiny)."""
+    if profile.world is not None:
+        return "a few minutes on 2 CPU cores"
+    try:
+        from .time_plan import estimate_text
+
+        return estimate_text(profile, stage)
+    except Exception:  # no time plan for this stage or GPU: say what is known
+        return "hours on a GPU (see the time plan printed by its notebook)"
+
+
+def train_missing(profile, stage: str, problem: str, run) -> None:
+    """Run `run()` (an earlier stage) when ``profile.train_missing_stages`` allows it; otherwise stop and say what is
+    missing, how long training it would take and how to ask for it."""
+    notebook = STAGE_NOTEBOOKS[stage]
+    estimate = stage_time_estimate(profile, stage)
+    if not profile.train_missing_stages:
+        raise MissingStageError(
+            f"{problem}. It is made by {notebook}; training it here would take {estimate}. Run {notebook} first "
+            f"(with the same OUTPUT_DIR), or ask for it explicitly with SETTINGS={{'train_missing_stages': True}} "
+            f"(or MMPHI_SETTINGS=train_missing_stages=true).")
+    _notice(f"{problem}: running {notebook}'s stage now ({estimate}).")
+    run()
+
+
+def show_setup(profile, paths: Paths) -> None:
+    """What a notebook runs with: the profile, where its outputs go and (full) where every source comes from."""
+    print(f"profile: {profile.name}   outputs: {paths.root.resolve()}")
+    if profile.world is None:
+        from .sources import describe
+
+        reporting.show_table(describe(profile), ["setting", "value", "kind", "revision"])
+
+
 # Every training stage checkpoints into <output>/<profile>/<stage>/trainer/checkpoint-<step> (every 25 % of its steps
 # unless save_steps says otherwise; 0 = never) and by default resumes from the latest valid checkpoint made with the
 # same settings (resume=False: start afresh; a path: that checkpoint). See helpers.checkpointing.
@@ -42,8 +85,10 @@ def ensure_world(profile, paths: Paths):
 def ensure_tokenizer(profile, paths: Paths):
     from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
-    if profile.tokenizer_checkpoint:
-        return load_tokenizer(profile.tokenizer_checkpoint)
+    if profile.tokenizer_checkpoint:  # Phi-2's own tokenizer, from the phi2 source (Hub id or local path)
+        from .sources import model_path
+
+        return load_tokenizer(model_path(profile, "phi2"))
     world = ensure_world(profile, paths)
     made_for = paths.tokenizer / "world_settings.json"  # the tokenizer is trained on this world's text
     if (paths.tokenizer / "tokenizer.json").exists() and made_for.exists() \
@@ -69,8 +114,8 @@ def caption_records(profile, paths, split: str):
         return read_coco_captions(world.captions(split), world.images(split))
     from .hub_data import coco_caption_files
 
-    annotation_file, image_dir = coco_caption_files(profile, paths, split)
-    return read_coco_captions(annotation_file, image_dir, limit=profile.n_train_samples)
+    annotation_file, image_dir = coco_caption_files(profile, paths, split)  # n_train_samples *images*
+    return read_coco_captions(annotation_file, image_dir)
 
 
 def instruct_records(profile, paths, split: str):
@@ -81,8 +126,8 @@ def instruct_records(profile, paths, split: str):
         return read_llava_instruct(world.instruct(split), world.images(split))
     from .hub_data import llava_instruct_files
 
-    json_file, image_dir = llava_instruct_files(profile, paths, split)
-    return read_llava_instruct(json_file, image_dir, limit=profile.n_train_samples)
+    json_file, image_dir = llava_instruct_files(profile, paths, split)  # split by image, sizes from the profile
+    return read_llava_instruct(json_file, image_dir)
 
 
 # --------------------------------------------------------------------------------------------- stage 01
@@ -91,12 +136,13 @@ TEXT_PROBE_SCENES = 100  # fresh scenes whose caption is given in words, then on
 
 def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
     from .pretrain import load_text_documents, mean_loss, pretrain, uniform_loss
-    from .training import loss_history, set_cpu_threads
+    from .training import loss_history, reset_peak_memory, run_figures, set_cpu_threads
 
     set_cpu_threads()
     start = time.perf_counter()
     tok = ensure_tokenizer(profile, paths)
     documents = load_text_documents(profile, paths)
+    reset_peak_memory()
     trainer, model, heldout, initial = pretrain(profile, paths, tok, documents, resume=resume, save_steps=save_steps)
     if not trainer.is_world_process_zero():  # several processes (accelerate launch): rank 0 reports and saves
         return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
@@ -106,7 +152,7 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                "target_loss": initial - 1.0, "reached_target": final <= initial - 1.0,
                "steps": trainer.state.global_step, "n_documents": len(documents),
                "n_heldout_blocks": len(heldout[0]), "block_size": profile.pretrain_block_size,
-               "parameters": sum(p.numel() for p in model.parameters())}
+               "parameters": sum(p.numel() for p in model.parameters()), **run_figures(trainer)}
     if profile.world is not None:  # tiny: can it answer from a text description (the skill 02 and 03 build on)?
         from .pretrain import text_answer_accuracy
         from .world import described_questions
@@ -119,11 +165,15 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
         from transformers import AutoModelForCausalLM
 
         from .projection import llm_dtype
+        from .sources import model_path
 
-        phi2 = AutoModelForCausalLM.from_pretrained(profile.llm_checkpoint, dtype=llm_dtype(),
-                                                    device_map="auto" if torch.cuda.is_available() else None)
+        phi2 = AutoModelForCausalLM.from_pretrained(model_path(profile, "phi2"), dtype=llm_dtype(),
+                                                    device_map="cuda" if torch.cuda.is_available() else None)
         metrics["phi2_heldout_loss"] = mean_loss(phi2, heldout, batch_size=4)
         del phi2
+        from .training import free_accelerator_memory
+
+        free_accelerator_memory()
     model.save_pretrained(paths.base_lm)
     tok.save_pretrained(paths.base_lm)
     metrics["seconds"] = time.perf_counter() - start
@@ -137,11 +187,11 @@ def ensure_base_lm(profile, paths: Paths):
         return profile.llm_checkpoint
     tok = ensure_tokenizer(profile, paths)
     if not (paths.base_lm / "config.json").exists():
-        _notice(f"no pretrained base LM at {paths.base_lm}: running stage 01 now (a few minutes in tiny mode).")
-        pretrain_stage(profile, paths)
+        train_missing(profile, "pretrain", f"no pretrained base LM at {paths.base_lm}",
+                      lambda: pretrain_stage(profile, paths))
     elif load_tokenizer_vocab(paths.base_lm) != tok.get_vocab():
-        _notice(f"the base LM at {paths.base_lm} was trained with another tokenizer: running stage 01 again.")
-        pretrain_stage(profile, paths)
+        train_missing(profile, "pretrain", f"the base LM at {paths.base_lm} was trained with another tokenizer",
+                      lambda: pretrain_stage(profile, paths))
     return paths.base_lm
 
 
@@ -189,12 +239,12 @@ def ensure_vision_tower(profile, paths: Paths):
         return
     config = paths.clip / "config.json"
     if not config.exists():
-        _notice(f"no vision tower at {paths.clip}: training the tiny CLIP now.")
+        problem = f"no vision tower at {paths.clip}"
     elif not _vision_matches(json.loads(config.read_text()), profile.vision):
-        _notice(f"the vision tower at {paths.clip} was built for other settings: retraining it.")
+        problem = f"the vision tower at {paths.clip} was built for other settings"
     else:
         return
-    vision_tower_stage(profile, paths)
+    train_missing(profile, "vision_tower", problem, lambda: vision_tower_stage(profile, paths))
 
 
 # --------------------------------------------------------------------------------------------- stage 02
@@ -204,7 +254,7 @@ def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None 
     from .multimodal_data import CAPTION_INSTRUCTION
     from .projection import build_projection_model, feature_table, make_dataset, mean_conversation_loss, \
         train_projector
-    from .training import loss_history, set_cpu_threads
+    from .training import loss_history, reset_peak_memory, run_figures, set_cpu_threads
 
     set_cpu_threads()
     start = time.perf_counter()
@@ -222,6 +272,7 @@ def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None 
     dataset = make_dataset(train, tok, profile, feats, index, profile.projection)
     val_dataset = make_dataset(val, tok, profile, vfeats, vindex, profile.projection)
     initial = mean_conversation_loss(model, val_dataset, tok)
+    reset_peak_memory()
     trainer = train_projector(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps)
     if not trainer.is_world_process_zero():
         return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
@@ -249,7 +300,7 @@ def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None 
                "steps": trainer.state.global_step, "n_train_captions": len(dataset),
                "skipped_records": dict(train_report.skipped), "feature_cache_seconds": cache_seconds,
                "sample_exact_captions": sum(r["exact"] for r in rows) / max(len(rows), 1),
-               "seconds": time.perf_counter() - start}
+               **run_figures(trainer), "seconds": time.perf_counter() - start}
     reporting.write_metrics(paths.metrics, "02_projection", metrics)
     return StageResult(metrics, {"train loss": loss_history(trainer)}, rows,
                        {"model": model, "processor": processor, "val_dataset": val_dataset})
@@ -258,12 +309,12 @@ def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None 
 def ensure_projection(profile, paths: Paths):
     config = paths.projection / "config.json"
     if not config.exists():
-        _notice(f"no stage-02 checkpoint at {paths.projection}: running stage 02 now.")
+        problem = f"no stage-02 checkpoint at {paths.projection}"
     elif not _vision_matches(json.loads(config.read_text())["vision_config"], profile.vision):
-        _notice(f"the stage-02 checkpoint at {paths.projection} was built for other settings: rerunning stage 02.")
+        problem = f"the stage-02 checkpoint at {paths.projection} was built for other settings"
     else:
         return paths.projection
-    projection_stage(profile, paths)
+    train_missing(profile, "projection", problem, lambda: projection_stage(profile, paths))
     return paths.projection
 
 
@@ -271,11 +322,11 @@ def ensure_projection(profile, paths: Paths):
 def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
     from transformers import AutoProcessor
 
-    from .inference import evaluate_conversations
-    from .instruct import add_lora, export_merged, load_4bit_llava, quantized_module_names, train_instruct
+    from .instruct import (add_lora, export_merged, load_4bit_llava, quantized_module_names, run_device_and_dtype,
+                           train_instruct)
     from .modeling import count_parameters
     from .projection import feature_table, make_dataset
-    from .training import loss_history, set_cpu_threads
+    from .training import free_accelerator_memory, loss_history, reset_peak_memory, run_figures, set_cpu_threads
 
     set_cpu_threads()
     start = time.perf_counter()
@@ -295,27 +346,54 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     total, trainable = count_parameters(model)
     print(f"{n_quantized} linear layers in 4-bit nf4; {trainable:,} of {total:,} parameters trainable "
           "(LoRA adapters + full-precision projector)")
+    reset_peak_memory()
     trainer = train_instruct(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps)
+    curves = {"train loss": loss_history(trainer)}
+    figures = run_figures(trainer)
     if not trainer.is_world_process_zero():
-        return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
-    train_seconds = time.perf_counter() - start
+        return StageResult({"steps": trainer.state.global_step}, curves)
+    train_seconds, steps = time.perf_counter() - start, trainer.state.global_step
+    del trainer  # its optimizer state (two fp32 copies of every trainable weight) is not needed any more
+    free_accelerator_memory()
     model.save_pretrained(paths.instruct / "adapter")  # LoRA adapters + projector (safetensors)
-    result = evaluate_conversations(model, processor, val, max_new_tokens=profile.max_new_tokens)
     merged = export_merged(model, checkpoint, paths.assistant, processor)
-    metrics = {"heldout_accuracy": result["accuracy"], "heldout_accuracy_by_type": result["accuracy_by_type"],
-               "heldout_questions_by_type": result["count_by_type"], "eos_rate": result["eos_rate"],
-               "n_heldout_questions": result["n_questions"], "steps": trainer.state.global_step,
-               "n_train_conversations": len(dataset), "skipped_records": dict(train_report.skipped),
+    del model  # the 4-bit + LoRA model: the merged assistant answers from here on (what notebooks 04-05 load)
+    free_accelerator_memory()
+    merged = merged.to(run_device_and_dtype()[1])
+    metrics = {"steps": steps, "n_train_conversations": len(dataset), "skipped_records": dict(train_report.skipped),
                "quantized_linear_layers": n_quantized, "trainable_parameters": trainable,
-               "train_seconds": train_seconds, "seconds": time.perf_counter() - start}
+               "total_parameters": total, "train_seconds": train_seconds, **figures}
+    rows = []
+    if all(r.meta.get("types") for r in val):  # the tiny world: short answers of known types, exact match
+        from .inference import evaluate_conversations
+
+        result = evaluate_conversations(merged, processor, val, max_new_tokens=profile.max_new_tokens)
+        rows = result["rows"]
+        metrics.update(heldout_accuracy=result["accuracy"], heldout_accuracy_by_type=result["accuracy_by_type"],
+                       heldout_questions_by_type=result["count_by_type"], eos_rate=result["eos_rate"],
+                       n_heldout_questions=result["n_questions"])
+    elif profile.n_freeform_questions:  # LLaVA-Instruct: free-form answers, judged by a documented rule
+        from .evaluation import evaluate_freeform
+
+        result = evaluate_freeform(merged, processor, val, profile.n_freeform_questions, profile.max_new_tokens)
+        rows = result.pop("rows")
+        metrics.update({f"freeform_{k}": v for k, v in result.items()})
+    if profile.n_pope_questions and profile.pope_dataset:
+        from .evaluation import evaluate_pope
+        from .hub_data import pope_questions
+
+        pope = evaluate_pope(merged, processor, pope_questions(profile, paths, profile.n_pope_questions))
+        metrics["pope"] = pope["metrics"]
+        paths.metrics.mkdir(parents=True, exist_ok=True)
+        (paths.metrics / "03_pope_answers.json").write_text(json.dumps(pope["rows"], indent=1))
+    metrics["seconds"] = time.perf_counter() - start
     reporting.write_metrics(paths.metrics, "03_qlora_instruct", metrics)
-    (paths.metrics / "03_heldout_answers.json").write_text(json.dumps(result["rows"], indent=1, default=str))
-    return StageResult(metrics, {"train loss": loss_history(trainer)}, result["rows"],
-                       {"model": model, "merged": merged, "processor": processor, "val": val})
+    (paths.metrics / "03_heldout_answers.json").write_text(json.dumps(rows, indent=1, default=str))
+    return StageResult(metrics, curves, rows, {"merged": merged, "processor": processor, "val": val})
 
 
 def ensure_assistant(profile, paths: Paths):
     if not (paths.assistant / "config.json").exists():
-        _notice(f"no stage-03 assistant at {paths.assistant}: running stage 03 now.")
-        instruct_stage(profile, paths)
+        train_missing(profile, "instruct", f"no stage-03 assistant at {paths.assistant}",
+                      lambda: instruct_stage(profile, paths))
     return paths.assistant

@@ -23,7 +23,20 @@ CHECKPOINTS_PER_RUN = 4  # default: a checkpoint every 25 % of the steps (and at
 
 
 def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """True on GPUs with native bf16 (compute capability 8.0+: A100, L4, A10G, H100, ...).
+
+    ``torch.cuda.is_bf16_supported()`` alone is also true on a T4, through slow emulation; there the course runs in
+    fp32 instead (never fp16: it overflows in Phi attention)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def free_accelerator_memory() -> None:
+    """Return memory that is no longer referenced to the GPU (after training, before evaluation or export)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def default_save_steps(max_steps: int) -> int:
@@ -191,6 +204,26 @@ class CachedFeatureTrainer(CourseTrainer):
                   {"params": projector, "lr": self.projector_learning_rate}]
         self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
         return self.optimizer
+
+
+def reset_peak_memory() -> None:
+    """Start measuring a stage's peak GPU memory (see :func:`run_figures`)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_figures(trainer: Trainer) -> dict:
+    """Measured figures of a finished run: seconds per optimizer step and, on a GPU, the peak memory allocated
+    since :func:`reset_peak_memory` (what the memory planner estimates)."""
+    summary = next((row for row in reversed(trainer.state.log_history) if "train_runtime" in row), {})
+    steps = trainer.state.global_step - getattr(trainer, "resumed_from_step", 0)
+    out = {"train_runtime_seconds": summary.get("train_runtime")}
+    if summary.get("train_runtime") and steps:
+        out["seconds_per_step"] = summary["train_runtime"] / steps
+    if torch.cuda.is_available():
+        out["gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def loss_history(trainer: Trainer) -> dict[str, list[float]]:

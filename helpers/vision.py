@@ -97,13 +97,25 @@ def retrieval_accuracy(clip, tok, pairs: list[tuple[str, str]], processor, batch
 
 
 def load_vision_tower(profile, paths):
-    """The frozen vision tower of the course (CLIPVisionModel) and its image processor."""
-    from transformers import CLIPVisionModel
+    """The frozen vision tower of the course (CLIPVisionModel) and its image processor.
 
-    source = profile.clip_checkpoint or paths.clip
-    tower = CLIPVisionModel.from_pretrained(str(source))
-    tower.requires_grad_(False).eval()
-    return tower, image_processor(profile.vision)
+    Full: the ``clip`` source (its own ``preprocessor_config.json``), checked against the profile's vision settings
+    (image size and patch size fix the number of image tokens). Tiny: the CLIP trained in notebook 02."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    if not profile.clip_checkpoint:
+        tower = CLIPVisionModel.from_pretrained(str(paths.clip))
+        return tower.requires_grad_(False).eval(), image_processor(profile.vision)
+    from .sources import SourceError, model_path, setting_label
+
+    source = model_path(profile, "clip")
+    tower = CLIPVisionModel.from_pretrained(source)
+    got = (tower.config.image_size, tower.config.patch_size)
+    if got != (profile.vision.image_size, profile.vision.patch_size):
+        raise SourceError(f"{setting_label('clip', profile.clip_checkpoint)}: the checkpoint at {source} has image "
+                          f"size {got[0]} and patch size {got[1]}; the profile expects {profile.vision.image_size} "
+                          f"and {profile.vision.patch_size} (vision.image_size / vision.patch_size settings).")
+    return tower.requires_grad_(False).eval(), CLIPImageProcessor.from_pretrained(source)
 
 
 def save_vision_tower(clip, profile, paths):

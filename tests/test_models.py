@@ -25,10 +25,55 @@ def test_lm_head_bias_is_folded_exactly(tok, profile):
         lm.model.final_layernorm.bias.normal_(0, 0.5)
         lm.model.final_layernorm.weight.uniform_(0.5, 1.5)
     ids = torch.randint(0, len(tok), (2, 12))
-    hidden = lm.model(input_ids=ids).last_hidden_state
     with torch.no_grad():
-        folded = hidden @ fold_lm_head_bias(lm).T
-        assert torch.allclose(folded, lm(input_ids=ids).logits, atol=1e-4)
+        expected = lm(input_ids=ids).logits
+        weight, norm_bias = fold_lm_head_bias(lm)
+        lm.model.final_layernorm.bias.copy_(norm_bias)  # the fold may move the final LayerNorm's bias
+        folded = lm.model(input_ids=ids).last_hidden_state @ weight.T
+        assert torch.allclose(folded, expected, atol=1e-4)
+
+
+def _phi2_like_lm(k: float):
+    """A one-layer Phi with Phi-2's width (2560), a 4096-word head with a bias, and final-LayerNorm statistics
+    whose k = sum(beta / gamma) is `k` (the folding constant)."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    lm = PhiForCausalLM(PhiConfig(vocab_size=4096, hidden_size=2560, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=32, pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        lm.lm_head.weight.normal_(0, 0.03)
+        lm.lm_head.bias.normal_(0, 1.0)
+        gamma, beta = lm.model.final_layernorm.weight, lm.model.final_layernorm.bias
+        gamma.uniform_(0.5, 2.0)
+        beta.normal_(0, 0.1)
+        beta.add_((k - (beta / gamma).sum()) / (1 / gamma).sum())
+    return lm.eval()
+
+
+@pytest.mark.parametrize("k", [1.0, 30.0])
+def test_assembled_head_is_as_accurate_as_phi_in_bf16(tok, profile, k):
+    """The folded head must not cost accuracy: the assembled LLaVA's bf16 logits stay as close to the fp64 truth as
+    PhiForCausalLM's own bf16 logits (with |k| ~ 1 a plain fold was 10x worse), and fp32 logits agree."""
+    import copy
+
+    from transformers import CLIPVisionModel
+
+    from helpers.modeling import assemble_llava, clip_vision_config
+
+    lm = _phi2_like_lm(k)
+    ids = torch.randint(2, 4000, (2, 16))
+    with torch.no_grad():
+        truth = copy.deepcopy(lm).double()(input_ids=ids).logits
+        phi_fp32 = lm(input_ids=ids).logits
+        phi_bf16 = copy.deepcopy(lm).to(torch.bfloat16)(input_ids=ids).logits.double()
+        llava = assemble_llava(lm, CLIPVisionModel(clip_vision_config(profile.vision)), tok, profile).eval()
+        llava_fp32 = llava(input_ids=ids).logits
+        llava_bf16 = llava.to(torch.bfloat16)(input_ids=ids).logits.double()
+    assert torch.allclose(llava_fp32, phi_fp32, atol=2e-3)
+    phi_error = (phi_bf16 - truth).abs().max().item()
+    llava_error = (llava_bf16 - truth).abs().max().item()
+    assert llava_error <= 1.5 * phi_error, (llava_error, phi_error)
 
 
 def test_assembled_llava_text_path_equals_the_phi_lm(tok, profile):

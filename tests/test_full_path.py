@@ -1,0 +1,167 @@
+"""Defects of the full path that a CPU can catch: precision on a T4, the merged export's memory, missing stages,
+gradient checkpointing's reentrancy, evaluation batch size, and the full-scale scores (POPE, free-form rule)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from helpers.config import FULL
+
+
+def test_bf16_is_not_chosen_on_a_t4_that_only_emulates_it(monkeypatch):
+    from helpers import training
+
+    def t4_bf16(including_emulation: bool = True):  # what torch reports on a T4 (compute capability 7.5)
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", t4_bf16)
+    assert training.bf16_supported() is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert training.bf16_supported() is True
+
+
+def test_the_merged_export_is_built_where_it_runs_and_equals_the_trained_model(saved_llava, processor, profile,
+                                                                                tmp_path, monkeypatch):
+    """Export = the 4-bit + LoRA model exactly (fp32 on a CPU), loaded with an explicit dtype and device_map (on a
+    GPU: bf16, streamed to the GPU; the old export built Phi-2 in fp32 on the host, ~11 GB)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from helpers import instruct
+    from helpers.encoding import PadCollator, encode_conversation
+    from helpers.chat_template import user_message
+
+    model = instruct.add_lora(instruct.load_4bit_llava(saved_llava), profile)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    calls = []
+    original = LlavaForConditionalGeneration.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", classmethod(spy))
+    merged = instruct.export_merged(model, saved_llava, tmp_path / "merged", processor)
+    assert calls and calls[0]["dtype"] == torch.float32 and calls[0]["device_map"] == {"": "cpu"}
+    messages = [user_message("What colour is it?", with_image=True), {"role": "assistant", "content": "red"}]
+    batch = PadCollator(processor.tokenizer.pad_token_id)([encode_conversation(processor.tokenizer, messages,
+                                                                               profile.image_seq_length)])
+    pixels = torch.rand(1, 3, profile.vision.image_size, profile.vision.image_size)
+    with torch.no_grad():
+        expected = model(**batch, pixel_values=pixels).logits
+        with model.disable_adapter():
+            without_lora = model(**batch, pixel_values=pixels).logits
+        got = merged(**batch, pixel_values=pixels).logits
+    # bitsandbytes' CPU 4-bit kernel rounds its outputs to bf16 (~3e-3 per layer here), the merged fp32 model does
+    # not: equal within that noise, while the adapters move the logits far more than the tolerance
+    assert torch.allclose(got, expected, atol=2e-2), (got - expected).abs().max()
+    assert (expected - without_lora).abs().max() > 0.2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert instruct.export_device_and_dtype() == ("cuda:0", torch.bfloat16)  # stored in bf16 on any GPU
+    assert instruct.run_device_and_dtype() == ("cuda:0", torch.float32)  # a T4 answers in fp32, never fp16
+
+
+def test_the_assistant_is_reloaded_with_dtype_and_device_map_everywhere(monkeypatch, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from helpers import audio_eval, demo, inference
+
+    seen = {}
+
+    class Stub(torch.nn.Module):
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained",
+                        lambda path, **kw: seen.update(kw) or Stub())
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda path, **kw: "processor")
+    model, processor = inference.load_assistant(tmp_path)
+    assert seen["dtype"] == torch.float32 and seen["device_map"] == {"": "cpu"}
+    import inspect
+
+    for module in (audio_eval, demo):  # the notebooks' loaders go through load_assistant, none loads bare
+        source = inspect.getsource(module)
+        assert "load_assistant(" in source and "AutoModelForImageTextToText.from_pretrained" not in source
+
+
+def test_a_missing_earlier_stage_stops_with_its_cost_instead_of_training_for_hours(tmp_path, monkeypatch):
+    from helpers import stages
+    from helpers.config import Paths
+
+    monkeypatch.setattr(stages, "projection_stage", lambda *a, **k: pytest.fail("started training"))
+    paths = Paths(FULL, tmp_path)
+    with pytest.raises(stages.MissingStageError) as err:
+        stages.ensure_projection(FULL, paths)
+    message = str(err.value)
+    assert "no stage-02 checkpoint" in message and "02_projection.ipynb" in message
+    assert "train_missing_stages" in message and "would take" in message
+    ran = []
+    monkeypatch.setattr(stages, "projection_stage", lambda *a, **k: ran.append(1))
+    stages.ensure_projection(FULL.replace(train_missing_stages=True), paths)
+    assert ran == [1]
+
+
+def test_gradient_checkpointing_passes_use_reentrant_explicitly(saved_llava, profile):
+    from helpers.encoding import PadCollator, encode_conversation
+    from helpers.chat_template import user_message
+    from helpers.instruct import add_lora, load_4bit_llava
+
+    model = add_lora(load_4bit_llava(saved_llava), profile.replace(gradient_checkpointing=True))
+    model.train()
+    tok = model.get_base_model().config  # noqa: F841 (the model is what matters)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(saved_llava)
+    messages = [user_message("What shape?", with_image=True), {"role": "assistant", "content": "circle"}]
+    batch = PadCollator(tokenizer.pad_token_id)([encode_conversation(tokenizer, messages, profile.image_seq_length)])
+    pixels = torch.rand(1, 3, profile.vision.image_size, profile.vision.image_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**batch, pixel_values=pixels).loss.backward()
+    assert not [w for w in caught if "use_reentrant" in str(w.message)]
+
+
+def test_evaluation_batch_fits_the_free_memory_of_a_t4_after_training():
+    from types import SimpleNamespace
+
+    from helpers.inference import generation_batch_size
+
+    phi2 = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=32, hidden_size=2560, intermediate_size=10240,
+                                                  vocab_size=51200), parameters=lambda: iter([torch.zeros(1)]))
+    small = generation_batch_size(phi2, tokens_per_row=1100, free_bytes=3 * 2 ** 30)  # T4 after training
+    assert 1 <= small < 32
+    assert generation_batch_size(phi2, tokens_per_row=1100, free_bytes=120 * 2 ** 30) == 32  # an H200
+
+
+def test_pope_scores_follow_the_paper():
+    from helpers.evaluation import pope_answer, pope_metrics
+
+    assert pope_answer("Yes, there is a dog.") == "yes"
+    assert pope_answer("There is no dog in the image.") == "no"
+    assert pope_answer("No") == "no" and pope_answer("It's not there") == "no"
+    rows = ([{"category": "random", "expected": "yes", "predicted": "yes"}] * 3
+            + [{"category": "random", "expected": "no", "predicted": "yes"}]
+            + [{"category": "popular", "expected": "no", "predicted": "no"}] * 2
+            + [{"category": "popular", "expected": "yes", "predicted": "no"}])
+    m = pope_metrics(rows)
+    assert m["random"]["precision"] == 0.75 and m["random"]["recall"] == 1.0 and m["random"]["yes_ratio"] == 1.0
+    assert m["popular"]["accuracy"] == pytest.approx(2 / 3) and m["popular"]["f1"] == 0.0
+    assert m["overall"]["n"] == 7 and m["overall"]["accuracy"] == pytest.approx(5 / 7)
+
+
+def test_free_form_answers_are_judged_by_content_words():
+    from helpers.evaluation import judge_freeform
+
+    reference = "The bus in the image is white and red."
+    assert judge_freeform("It is a red and white bus.", reference)["correct"]
+    assert judge_freeform("A bus, white.", reference)["recall"] == pytest.approx(2 / 3)
+    assert not judge_freeform("There is a green car.", reference)["correct"]
+    assert judge_freeform("There are 2 dogs", "two dogs")["recall"] == 1.0
