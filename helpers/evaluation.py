@@ -150,3 +150,45 @@ def evaluate_freeform(model, processor, records, n: int, max_new_tokens: int = 1
             "content_f1": sum(r["f1"] for r in rows) / n_rows,
             "content_recall": sum(r["recall"] for r in rows) / n_rows,
             "eos_rate": sum(r["eos"] for r in rows) / n_rows, "n": len(rows), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ display
+def show_scores(metrics: dict, figures_dir=None) -> None:
+    """Notebook 03's scores: exact match per question type (tiny world), or the free-form rule and POPE (full)."""
+    from pathlib import Path
+
+    from . import reporting
+
+    figures_dir = Path(figures_dir) if figures_dir is not None else None
+    if "heldout_accuracy" in metrics:
+        from .inference import plot_accuracy
+
+        plot_accuracy(metrics["heldout_accuracy_by_type"], metrics["heldout_accuracy"],
+                      figures_dir / "03_accuracy.png" if figures_dir else None)
+        print(f"overall exact match: {metrics['heldout_accuracy']:.1%} on {metrics['n_heldout_questions']} "
+              f"questions; answers ending with EOS: {metrics['eos_rate']:.1%}")
+        reporting.show_table([{"type": t, "accuracy": f"{a:.1%}", "questions": metrics["heldout_questions_by_type"][t]}
+                              for t, a in metrics["heldout_accuracy_by_type"].items()])
+    if "freeform_n" in metrics:
+        print(f"free-form answers ({metrics['freeform_n']} held-out questions): judged correct "
+              f"{metrics['freeform_judged_correct']:.1%} (content-word recall >= 0.5), mean content-word F1 "
+              f"{metrics['freeform_content_f1']:.2f}, answers ending with EOS {metrics['freeform_eos_rate']:.1%}")
+    if "pope" in metrics:
+        rows = [{"split": split, **{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in scores.items()}}
+                for split, scores in metrics["pope"].items()]
+        print("POPE (object hallucination; F1 of 'yes'; TinyLLaVA's Phi-2 model reports 86.8 F1):")
+        reporting.show_table(rows, ["split", "accuracy", "precision", "recall", "f1", "yes_ratio", "n"])
+
+
+def sample_table(rows: list[dict], n: int = 12, n_wrong: int = 8) -> None:
+    """Some answers and some mistakes, with the columns the rows have."""
+    from . import reporting
+
+    if not rows:
+        print("no held-out answers")
+        return
+    wrong = [r for r in rows if not r.get("correct", True)]
+    exact = "type" in rows[0]
+    columns = (["image", "type", "question", "expected", "predicted", "correct"] if exact else
+               ["image", "question", "reference", "predicted", "recall", "correct"])
+    reporting.show_table(rows[:n] + wrong[:n_wrong], columns)

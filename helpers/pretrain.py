@@ -171,3 +171,30 @@ def sample_continuations(model, tok, prompts: list[str], max_new_tokens: int = 4
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         out.append((prompt, tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)))
     return out
+
+
+STORY_PROMPTS = ["Once upon a time, there was a little", "Tom and his dog went to the park. Tom saw",
+                 "The sun was hot. Lily wanted to", "One day, a big bird"]
+
+
+def sample_prompts(profile, n_scenes: int = 2) -> list[str]:
+    """Prompts to show what the LM learned: a described scene and questions about it (tiny world, in the chat
+    template it was trained on), or the beginnings of stories (full: TinyStories)."""
+    if profile.world is None:
+        return list(STORY_PROMPTS)
+    import random
+
+    from .chat_template import render, user_message
+    from .world import CAPTION_REQUEST, QUESTION_TYPES, ask, caption, sample_scene
+
+    rng = random.Random(12345)
+    prompts = [render([user_message(CAPTION_REQUEST, with_image=False)], add_generation_prompt=True)]
+    for _ in range(n_scenes):
+        scene = sample_scene(rng)
+        context = [user_message(CAPTION_REQUEST, with_image=False), {"role": "assistant", "content": caption(scene)}]
+        for qtype in rng.sample([t for t in QUESTION_TYPES if t != "follow-up"], 2):
+            asked = ask(scene, qtype, rng)
+            if asked:
+                prompts.append(render(context + [user_message(asked[0], with_image=False)],
+                                      add_generation_prompt=True))
+    return prompts

@@ -110,7 +110,9 @@ def test_full_llava_every_shape_on_meta(configs, monkeypatch):
     proj_in, proj_out = shapes["projector"]
     assert proj_in == (batch, 49, 768)  # CLS dropped ("default" strategy)
     assert tuple(proj_out.shape) == (batch, 49, 2560)
-    assert tuple(out.image_hidden_states.shape) == (batch * 49, 2560)
+    image_states = out.image_hidden_states  # one tensor (transformers <= 5.23) or one per image (5.24)
+    image_states = torch.cat(list(image_states)) if isinstance(image_states, (list, tuple)) else image_states
+    assert tuple(image_states.reshape(-1, 2560).shape) == (batch * 49, 2560)
     assert tuple(shapes["llm"][1].last_hidden_state.shape) == (batch, 49 + text, 2560)
     assert len(out.hidden_states) == 33
     assert tuple(out.logits.shape) == (batch, 49 + text, 51200)
