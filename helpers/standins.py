@@ -720,6 +720,7 @@ def write_clip(folder: Path, spec: StandinSpec) -> dict:
     model = CLIPModel(CLIPConfig.from_dict(json.loads(text))).float()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "model.safetensors").chmod(0o644)  # safetensors creates it private (0600), unlike the other files
     write_text(folder / "README.md", readme_with_yaml(
         "tags:\n- vision", "CLIP ViT-B/32",
         "Random fp32 weights of a `CLIPModel` (vision: image 224, patch 32, hidden "
@@ -1682,11 +1683,15 @@ def _check_clip(layout: StandinLayout) -> dict:
 
 
 def _check_datasets(layout: StandinLayout) -> dict:
-    """The local folders load with ``datasets`` (splits inferred, YAML features, no split-size check failure)."""
+    """The local folders load with ``datasets`` (splits inferred, YAML features, no split-size check failure);
+    so does a hub-cache snapshot folder (``load_dataset("<id>")`` itself cannot use a hub cache offline, §0.4)."""
     from datasets import load_dataset
+    from huggingface_hub import snapshot_download
 
     coco = load_dataset(str(layout.repo(COCO_REPO)))
     assert set(coco) == {"train", "validation"}
+    via_cache = load_dataset(snapshot_download(COCO_REPO, repo_type="dataset"), split="validation")
+    assert via_cache.num_rows == coco["validation"].num_rows
     pope = load_dataset(str(layout.repo(POPE_REPO)), split="test")
     stories = load_dataset(str(layout.repo(TINYSTORIES_REPO)), split="train", streaming=True)
     assert next(iter(stories))["text"]

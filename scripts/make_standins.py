@@ -32,6 +32,8 @@ def main(argv=None) -> int:
                         help="afterwards, load every stand-in offline in a fresh process (HF_HUB_OFFLINE=1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.images is not None and args.size != "real":
+        parser.error("--images applies to --size real only")
 
     from helpers import standins
 

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,9 @@ def test_manifest_and_settings(built):
     hub = manifest["settings_hub"]
     assert hub["MMPHI_PHI2"] == "microsoft/phi-2" and hub["MMPHI_POPE"] == "lmms-lab/POPE"
     assert hub["MMPHI_COCO_IMAGES"].startswith("file://") and hub["MMPHI_WHISPER"].endswith("small.pt")
+    name = next(layout.coco_image_dir("val").iterdir()).name
+    with urllib.request.urlopen(f"{hub['MMPHI_COCO_IMAGES']}/val2017/{name}") as response:  # the URL download path
+        assert response.read() == (layout.coco_image_dir("val") / name).read_bytes()
     assert manifest["revisions"] == S.STANDIN_REVISIONS and manifest["hf_hub_cache"] == str(layout.hub.resolve())
     assert S.STANDIN_REVISIONS["microsoft/phi-2"] == "ef382358ec9e382308935a992d908de099b64c23"
     assert all(len(sha) == 40 and int(sha, 16) >= 0 for sha in S.STANDIN_REVISIONS.values())
