@@ -242,12 +242,14 @@ FULL = Profile(
     n_pope_questions=900,
     n_freeform_questions=50,
     n_audio_questions=60,
-    # a ~40M-parameter Phi pretrained from scratch in notebook 01 (educational; Phi-2 is the course's LLM)
+    # a small Phi pretrained from scratch in notebook 01 (educational; Phi-2 is the course's LLM): 22M parameters in
+    # its 8 layers plus 49M in the embedding and head of Phi-2's 51,200-token vocabulary. Heads of 80 dimensions as
+    # in Phi-2, so partial rotary 0.4 rotates 32 (an even number: 64-dim heads would give 25 and crash)
     pretrain_phi=PhiSpec(
-        hidden_size=512,
-        intermediate_size=2048,
+        hidden_size=480,
+        intermediate_size=1920,
         num_hidden_layers=8,
-        num_attention_heads=8,
+        num_attention_heads=6,
         partial_rotary_factor=0.4,
         max_position_embeddings=512,
         vocab_size=51200,

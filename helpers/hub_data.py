@@ -31,7 +31,7 @@ from .sources import SourceError
 COCO_COLUMNS = ("file_name", "coco_url", "image_id", "captions")
 POPE_COLUMNS = ("question", "answer", "category", "image")
 POPE_CATEGORIES = ("adversarial", "popular", "random")
-HELD_OUT_PERCENT = 1  # LLaVA-Instruct: images whose name hashes into this percentage are held out
+HELD_OUT_PERCENT = 1  # LLaVA-Instruct: at least this percentage of the images is held out (see split_by_image)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -119,17 +119,27 @@ def coco_caption_files(profile, paths, split: str):
 
 
 # -------------------------------------------------------------------------------------------- LLaVA-Instruct
-def held_out_image(image_name: str) -> bool:
-    """Whether an image's conversations are held out (by a hash of its name: stable, ~1 % of the images)."""
-    digest = hashlib.sha1(Path(image_name).name.encode()).digest()
-    return int.from_bytes(digest[:4], "big") % 100 < HELD_OUT_PERCENT
+def _image_key(image_name: str) -> bytes:
+    return hashlib.sha1(Path(image_name).name.encode()).digest()
 
 
-def split_by_image(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) records; every conversation about one image is on the same side."""
-    train, held = [], []
+def split_by_image(records: list[dict], n_held_out: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) records; every conversation about one image is on the same side.
+
+    Images are ordered by a hash of their name (stable, unrelated to the file's order) and held out from the top of
+    that order until they hold at least `n_held_out` conversations and at least HELD_OUT_PERCENT % of the images."""
+    by_image: dict[str, list[dict]] = {}
     for record in records:
-        (held if held_out_image(record.get("image") or "") else train).append(record)
+        by_image.setdefault(Path(record.get("image") or "").name, []).append(record)
+    held_images, n_held = set(), 0
+    min_images = -(-len(by_image) * HELD_OUT_PERCENT // 100)
+    for name in sorted(by_image, key=_image_key):
+        if n_held >= n_held_out and len(held_images) >= min_images:
+            break
+        held_images.add(name)
+        n_held += len(by_image[name])
+    train = [r for r in records if Path(r.get("image") or "").name not in held_images]
+    held = [r for r in records if Path(r.get("image") or "").name in held_images]
     return train, held
 
 
@@ -154,7 +164,7 @@ def llava_instruct_files(profile, paths, split: str):
     if not isinstance(data, list) or not all(isinstance(r, dict) and "conversations" in r for r in data[:100]):
         raise SourceError(f"{sources.setting_label('llava_instruct', spec)}: {path} is not a JSON list of "
                           "{id, image, conversations} records.")
-    train, held = split_by_image([r for r in data if r.get("image")])
+    train, held = split_by_image([r for r in data if r.get("image")], profile.n_eval_samples or 0)
     chosen = {"train": train[: profile.n_train_samples], "val": held[: profile.n_eval_samples]}
     base = sources.image_base(profile)
     names = sorted({Path(r["image"]).name for part in chosen.values() for r in part})
@@ -165,7 +175,8 @@ def llava_instruct_files(profile, paths, split: str):
         kept = [dict(r, image=Path(r["image"]).name) for r in records if (image_dir / Path(r["image"]).name).exists()]
         out[name].write_text(json.dumps(kept))
     print(f"LLaVA-Instruct: {len(data)} records; {len(chosen['train'])} training and {len(chosen['val'])} held-out "
-          f"conversations chosen (held-out images: {HELD_OUT_PERCENT} % by name, never trained on)", flush=True)
+          f"conversations chosen (held out by image: no image of a held-out conversation is trained on)",
+          flush=True)
     stamp_file.write_text(stamp)
     return out[split], image_dir
 

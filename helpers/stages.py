@@ -229,9 +229,12 @@ def vision_tower_stage(profile, paths: Paths, resume=None, save_steps: int | Non
     return StageResult(metrics, {"contrastive loss": loss_history(trainer)})
 
 
-def _vision_matches(saved: dict, spec) -> bool:
-    keys = ("image_size", "patch_size", "hidden_size", "num_hidden_layers")
-    return all(saved.get(k) == getattr(spec, k) for k in keys)
+def _vision_matches(saved: dict, profile) -> bool:
+    """Whether a saved vision config fits the profile: image and patch size fix the number of image tokens; the tiny
+    tower's width and depth are profile settings too (the full one's come from its checkpoint)."""
+    keys = ("image_size", "patch_size") if profile.clip_checkpoint else \
+        ("image_size", "patch_size", "hidden_size", "num_hidden_layers")
+    return all(saved.get(k) == getattr(profile.vision, k) for k in keys)
 
 
 def ensure_vision_tower(profile, paths: Paths):
@@ -240,7 +243,7 @@ def ensure_vision_tower(profile, paths: Paths):
     config = paths.clip / "config.json"
     if not config.exists():
         problem = f"no vision tower at {paths.clip}"
-    elif not _vision_matches(json.loads(config.read_text()), profile.vision):
+    elif not _vision_matches(json.loads(config.read_text()), profile):
         problem = f"the vision tower at {paths.clip} was built for other settings"
     else:
         return
@@ -310,7 +313,7 @@ def ensure_projection(profile, paths: Paths):
     config = paths.projection / "config.json"
     if not config.exists():
         problem = f"no stage-02 checkpoint at {paths.projection}"
-    elif not _vision_matches(json.loads(config.read_text())["vision_config"], profile.vision):
+    elif not _vision_matches(json.loads(config.read_text())["vision_config"], profile):
         problem = f"the stage-02 checkpoint at {paths.projection} was built for other settings"
     else:
         return paths.projection

@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--spelling", default="both", choices=["local", "hub", "both"])
     parser.add_argument("--notebooks", nargs="*", default=None, help="which notebooks (prefixes), default all")
     parser.add_argument("--standins", default=None, help="stand-in folder (default: standins/<size>)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the output folder of an earlier rehearsal (to rerun some notebooks)")
     args = parser.parse_args(argv)
 
     out = Path(args.standins or ROOT / "standins" / args.size).resolve()
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
     summary, failed = {}, []
     for spelling in spellings:
         output = ROOT / "outputs" / "rehearsal" / f"{args.size}-{spelling}"
-        shutil.rmtree(output, ignore_errors=True)  # a real first run, nothing reused
+        if not args.keep:
+            shutil.rmtree(output, ignore_errors=True)  # a real first run, nothing reused
         env = rehearsal_env(manifest, spelling, args.size, out, output)
         print(f"\n=== rehearsal ({args.size} stand-ins, sources as {spelling} "
               f"{'paths' if spelling == 'local' else 'Hub ids'}) -> {output}", flush=True)

@@ -116,3 +116,21 @@ def test_full_llava_every_shape_on_meta(configs, monkeypatch):
     assert tuple(shapes["llm"][1].last_hidden_state.shape) == (batch, 49 + text, 2560)
     assert len(out.hidden_states) == 33
     assert tuple(out.logits.shape) == (batch, 49 + text, 51200)
+
+
+@pytest.mark.parametrize("spec_name", ["phi", "pretrain_phi"])
+def test_every_phi_of_both_profiles_runs_a_forward(spec_name):
+    """Every Phi a profile builds runs (partial rotary needs an even number of rotated dimensions per head: the full
+    profile's stage-01 model once had 64-dim heads, 25 rotated dimensions, and crashed at its first forward)."""
+    from helpers.config import FULL, TINY
+    from helpers.memory_plan import StandInTokenizer
+    from helpers.modeling import phi_config
+    from transformers import PhiForCausalLM
+
+    for profile in (TINY, FULL):
+        spec = getattr(profile, spec_name)
+        config = phi_config(spec, StandInTokenizer.for_profile(profile))
+        with torch.device("meta"):
+            model = PhiForCausalLM(config)
+            out = model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+        assert tuple(out.logits.shape) == (1, 8, spec.vocab_size)

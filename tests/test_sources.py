@@ -167,11 +167,14 @@ def test_coco_counts_images_and_keeps_every_caption(tmp_path):
 
 
 def test_llava_instruct_is_split_by_image(tmp_path):
-    from helpers.hub_data import held_out_image, split_by_image
+    from helpers.hub_data import split_by_image
 
     records = [{"id": str(i), "image": f"{i % 400:012d}.jpg", "conversations": []} for i in range(2000)]
-    train, held = split_by_image(records)
-    assert held and train
+    train, held = split_by_image(records, n_held_out=3)
+    assert len(train) + len(held) == 2000 and len(held) >= 3
     assert not {r["image"] for r in train} & {r["image"] for r in held}
-    assert all(held_out_image(r["image"]) for r in held)
-    assert 0.002 < len({r["image"] for r in held}) / 400 < 0.04  # about 1 % of the images
+    assert len({r["image"] for r in held}) == 4  # 1 % of the 400 images
+    train2, held2 = split_by_image(list(reversed(records)), n_held_out=3)
+    assert {r["image"] for r in held2} == {r["image"] for r in held}  # by image name, not by file order
+    _, many = split_by_image(records, n_held_out=100)
+    assert len(many) >= 100 and {r["image"] for r in held} <= {r["image"] for r in many}
