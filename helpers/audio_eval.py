@@ -27,15 +27,18 @@ def typed_question(message: dict) -> str:
 
 
 def limit_records(records: list[Record], max_questions: int | None) -> list[Record]:
-    """Whole conversations, in order, up to `max_questions` questions in all."""
+    """Conversations in order, up to `max_questions` questions in all; the last one is cut after its first turns
+    when it does not fit whole (a conversation's first turns never depend on its later ones)."""
     if max_questions is None:
         return list(records)
     out, n = [], 0
     for r in records:
-        k = len(r.messages) // 2
-        if n + k > max_questions:
+        if n >= max_questions:
             break
-        out.append(r)
+        k = min(len(r.messages) // 2, max_questions - n)
+        types = r.meta.get("types")
+        meta = {**r.meta, "types": types[:k]} if types else r.meta
+        out.append(r if 2 * k == len(r.messages) else Record(r.image, r.messages[: 2 * k], meta))
         n += k
     return out
 
@@ -167,10 +170,16 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
         from .inference import load_assistant
 
         model, processor = load_assistant(stages.ensure_assistant(profile, paths))
+    judge = None
+    if not all(r.meta.get("types") for r in records):  # free-form answers (full): the documented rule
+        from .evaluation import judge_freeform
+
+        def judge(predicted, expected):
+            return judge_freeform(predicted, expected)["correct"]
     typed = evaluate_conversations(model, processor, records, max_new_tokens=profile.max_new_tokens,
-                                   progress=progress)
+                                   progress=progress, judge=judge)
     spoken = evaluate_conversations(model, processor, spoken_records(records, transcripts),
-                                    max_new_tokens=profile.max_new_tokens, progress=progress)
+                                    max_new_tokens=profile.max_new_tokens, progress=progress, judge=judge)
     table = asr_rows(records, transcripts)
     rows = []
     for a, t, s in zip(table, typed["rows"], spoken["rows"]):

@@ -35,8 +35,11 @@ HELD_OUT_PERCENT = 1  # LLaVA-Instruct: at least this percentage of the images i
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+PREPARATION_VERSION = 2  # raised whenever the way data is prepared changes: older copies are prepared again
+
+
 def _stamp(**settings) -> str:
-    return json.dumps(settings, sort_keys=True, default=str)
+    return json.dumps({"version": PREPARATION_VERSION, **settings}, sort_keys=True, default=str)
 
 
 def _fresh(stamp_file: Path, stamp: str, *outputs: Path) -> bool:

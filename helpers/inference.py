@@ -91,12 +91,13 @@ def normalise(answer: str) -> str:
 
 
 def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, batch_size: int | None = None,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, judge=None) -> dict:
     """Exact-match accuracy on held-out conversations, turn by turn with the gold history in the prompt.
 
     Every record needs ``meta["types"]`` (question type per turn). Returns overall and per-type accuracy, the
     fraction of answers that ended with EOS, and every (question, expected, predicted) row. `batch_size` None:
-    as many rows as the free GPU memory holds (:func:`generation_batch_size`, at most 32).
+    as many rows as the free GPU memory holds (:func:`generation_batch_size`, at most 32). `judge(predicted,
+    expected) -> bool` replaces exact match (free-form answers: ``helpers.evaluation.judge_freeform``).
     """
     from tqdm.auto import tqdm
 
@@ -121,7 +122,8 @@ def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, 
         answers = generate_answers(model, processor, images, [j[1] for j in chunk], max_new_tokens)
         for (path, _, expected, qtype, question), (pred, ended) in zip(chunk, answers):
             rows.append({"image": path.name, "type": qtype, "question": question, "expected": expected,
-                         "predicted": pred, "correct": normalise(pred) == normalise(expected), "eos": ended})
+                         "predicted": pred, "eos": ended,
+                         "correct": judge(pred, expected) if judge else normalise(pred) == normalise(expected)})
     by_type = defaultdict(list)
     for row in rows:
         by_type[row["type"]].append(row["correct"])
