@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from . import asr as speech
+from . import reporting
 from .chat_template import prompt_for_next_answer, user_message
 
 NO_IMAGE = "Upload an image first: the assistant answers questions about a picture."
@@ -427,11 +428,7 @@ def plot_latency(log: list[TurnLog], path=None):
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    plt.show()
-    return fig
+    return reporting.save_and_show(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- app.py
