@@ -8,7 +8,7 @@
   CTranslate2 conversion), checked against a pinned SHA-256 before use.
 * **No model, no gibberish:** when no recogniser can be loaded, :class:`ASRUnavailable` says what to install;
   empty, silent or undecodable audio raises :class:`AudioError` with a message meant for the learner.
-* **Scoring:** a word error rate from a small edit distance, on raw and on normalised transcripts.
+* **Scoring:** word error rate by ``jiwer``, on raw, basic (case and punctuation) and normalised transcripts.
 
 The transcript is only ever placed in the *user* turn (:func:`ask_spoken` -> ``Assistant.ask``).
 """
@@ -77,23 +77,18 @@ def settings_for(profile, backend: str | None = None, model: str | None = None) 
 
 # --------------------------------------------------------------------------------------------- audio in
 def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Band-limited resampling (FFT method): frequencies above the lower Nyquist rate are removed, none are
-    aliased. Mono float32 in, mono float32 out, ``round(len * target / orig)`` samples."""
-    x = np.asarray(samples, dtype=np.float64)
+    """Band-limited resampling with libsoxr (``soxr``, high quality): frequencies above the lower Nyquist rate are
+    filtered out, none are aliased. Mono float32 in, mono float32 out, about ``len * target / orig`` samples."""
+    import soxr
+
+    x = np.asarray(samples, dtype=np.float32)
     if x.ndim != 1:
         raise ValueError("resample expects mono samples (1-D); mix channels down first")
     if orig_sr <= 0 or target_sr <= 0:
         raise ValueError("sample rates must be positive")
     if orig_sr == target_sr or len(x) == 0:
-        return x.astype(np.float32)
-    n_out = max(1, int(round(len(x) * target_sr / orig_sr)))
-    spectrum = np.fft.rfft(x)
-    keep = min(len(spectrum), n_out // 2 + 1)
-    out_spectrum = np.zeros(n_out // 2 + 1, dtype=np.complex128)
-    out_spectrum[:keep] = spectrum[:keep]
-    if n_out < len(x) and n_out % 2 == 0:  # the new Nyquist bin of a real signal must be real
-        out_spectrum[-1] = out_spectrum[-1].real
-    return (np.fft.irfft(out_spectrum, n_out) * (n_out / len(x))).astype(np.float32)
+        return x
+    return soxr.resample(x, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
 def to_mono_float(samples: np.ndarray) -> np.ndarray:
@@ -427,14 +422,11 @@ def transcript_to_question(text: str) -> str:
 
 # -------------------------------------------------------------------------------------------- WER
 def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
-    """Levenshtein distance between two word lists (substitutions, insertions, deletions cost 1)."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref_word in enumerate(reference, 1):
-        current = [i]
-        for j, hyp_word in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
-        previous = current
-    return previous[-1]
+    """Levenshtein distance between two word lists (substitutions, insertions, deletions cost 1), by jiwer."""
+    import jiwer
+
+    out = jiwer.process_words(" ".join(reference), " ".join(hypothesis))
+    return out.substitutions + out.deletions + out.insertions
 
 
 def word_errors(reference: str, hypothesis: str, mode: str = "normalised") -> tuple[int, int]:
@@ -445,18 +437,19 @@ def word_errors(reference: str, hypothesis: str, mode: str = "normalised") -> tu
 
 
 def wer(references, hypotheses, mode: str = "normalised") -> float:
-    """Word error rate: total edits / total reference words (corpus WER; one string pair also works)."""
+    """Word error rate: total edits / total reference words (corpus WER, as jiwer computes it; one string pair
+    also works). The `mode` of :data:`WER_MODES` normalises both sides first."""
+    import jiwer
+
     if isinstance(references, str):
         references, hypotheses = [references], [hypotheses]
     if len(references) != len(hypotheses):
         raise ValueError("as many hypotheses as references are needed")
-    edits = words = 0
-    for r, h in zip(references, hypotheses):
-        e, n = word_errors(r, h, mode)
-        edits, words = edits + e, words + n
-    if words == 0:
+    split = WER_MODES[mode]
+    refs, hyps = [" ".join(split(r)) for r in references], [" ".join(split(h)) for h in hypotheses]
+    if not any(refs):
         raise ValueError("WER is undefined without reference words")
-    return edits / words
+    return float(jiwer.wer(refs, hyps))
 
 
 # ---------------------------------------------------------------------------------------------- asking

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import asr as speech
+from . import reporting
 from .chat_template import IMAGE_TOKEN
 from .multimodal_data import Record
 
@@ -148,7 +149,7 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
 
     Writes ``metrics/04_audio.json`` and ``metrics/04_spoken_answers.json``. Returns a StageResult whose
     samples are rows with both answers."""
-    from . import reporting, stages
+    from . import stages
     from .inference import evaluate_conversations
 
     start = time.perf_counter()
@@ -231,8 +232,4 @@ def plot_typed_vs_spoken(metrics: dict, path=None):
     more = wer_ax.get_legend_handles_labels()
     ax.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
     fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    plt.show()
-    return fig
+    return reporting.save_and_show(fig, path)

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from . import asr as speech
+from . import reporting
 from .chat_template import prompt_for_next_answer, user_message
 
 NO_IMAGE = "Upload an image first: the assistant answers questions about a picture."
@@ -104,13 +105,14 @@ class DemoBackend:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_profile(cls, profile, paths, load_speech: bool = True):
-        """The stage-03 assistant (trained on the spot with a NOTICE when missing) + the profile's Whisper."""
+    def from_profile(cls, profile, paths, load_speech: bool = True, checkpoint=None):
+        """The stage-03 assistant (trained on the spot with a NOTICE when missing; or the saved assistant at
+        `checkpoint`, then `paths` is not used) + the profile's Whisper."""
         from .inference import load_assistant
         from .stages import ensure_assistant
 
         # bf16 where the GPU has it natively, fp32 otherwise - never fp16 (overflow in Phi attention)
-        model, processor = load_assistant(ensure_assistant(profile, paths))
+        model, processor = load_assistant(checkpoint or ensure_assistant(profile, paths))
         loader = (lambda: speech.try_load_asr(profile)) if load_speech else (lambda: (None, "voice input is off"))
         return cls(model, processor, asr_loader=loader, max_new_tokens=profile.max_new_tokens)
 
@@ -427,11 +429,7 @@ def plot_latency(log: list[TurnLog], path=None):
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    plt.show()
-    return fig
+    return reporting.save_and_show(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- app.py
@@ -448,7 +446,11 @@ def main(argv=None):
                         help="0.0.0.0 to serve other machines (Spaces set GRADIO_SERVER_NAME)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="a temporary public gradio.live link")
+    parser.add_argument("--model", default=None,
+                        help="serve this saved assistant (a folder with a LLaVA checkpoint and its processor, as "
+                             "notebook 03 exports it) instead of the profile's")
     args = parser.parse_args(argv)
     profile = get_profile(args.profile)
-    backend = DemoBackend.from_profile(profile, Paths(profile, args.output))
+    paths = None if args.model else Paths(profile, args.output)
+    backend = DemoBackend.from_profile(profile, paths, checkpoint=args.model)
     build_app(backend).launch(server_name=args.host, server_port=args.port, share=args.share)

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from PIL import Image
 
+from . import reporting
 from .chat_template import prompt_for_next_answer
 
 
@@ -175,10 +176,4 @@ def plot_accuracy(by_type: dict[str, float], overall: float, path=None, ylabel: 
     ax.set_ylabel(ylabel)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    if path is not None:
-        from pathlib import Path
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    plt.show()
-    return fig
+    return reporting.save_and_show(fig, path)

@@ -22,9 +22,17 @@ def plot_losses(curves: dict[str, dict], title: str, path: str | Path | None = N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return save_and_show(fig, path)
+
+
+def save_and_show(fig, path: str | Path | None = None, dpi: int = 110):
+    """The one way the course keeps a figure: saved as `path` (folders made; nothing saved when None), then
+    shown inline. Returns `fig`."""
+    import matplotlib.pyplot as plt
+
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=dpi)
     plt.show()
     return fig
 
