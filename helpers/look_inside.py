@@ -1,0 +1,182 @@
+"""Look inside each stage: small views of the real objects a run uses, for the notebooks' "look inside" cells.
+
+Each function takes objects the notebook already has (a tokenizer, a model, a record), prints or draws something
+short, and returns the numbers it showed so a test can check them. Nothing here trains or changes a model.
+"""
+from __future__ import annotations
+
+import html
+
+import torch
+
+from .reporting import show_table
+
+# ----------------------------------------------------------------------------------------------- 01: text
+
+
+def token_table(tok, text: str) -> list[dict]:
+    """The tokens of `text` with their ids (one row per token), shown as a table."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rows = [{"position": i, "token": repr(tok.convert_ids_to_tokens(t)), "id": t,
+             "text": repr(tok.decode([t]))} for i, t in enumerate(ids)]
+    show_table(rows, ["position", "token", "text", "id"], max_rows=40)
+    return rows
+
+
+def show_packing(tok, documents: list[str], block_size: int) -> dict:
+    """`pretrain.pack_documents` on a few documents: which document each position holds, and the mask."""
+    from .pretrain import pack_documents
+
+    ids, mask = pack_documents(tok, documents, block_size)
+    lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in documents]  # + EOS
+    print(f"{len(documents)} documents of {lengths} tokens (each closed by EOS) -> {ids.shape[0]} block(s) of "
+          f"{block_size} tokens; real tokens per block {mask.sum(1).tolist()}, the rest is padding (mask 0)")
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        print(f"block {b}: ids {ids[b, :8].tolist()} ... {ids[b, n - 3:n].tolist()} | padding {block_size - n} "
+              f"x id {tok.pad_token_id} (= EOS: found by the mask, never by id)")
+    return {"blocks": ids.shape[0], "real_tokens": mask.sum(1).tolist(), "lengths": lengths}
+
+
+def plot_batch_mask(mask: torch.Tensor, title: str = "attention mask of one batch", path=None):
+    """An image of a batch's attention mask: rows are examples, columns positions (dark = a real token)."""
+    import matplotlib.pyplot as plt
+
+    from .reporting import save_and_show
+
+    fig, ax = plt.subplots(figsize=(7, max(1.2, 0.18 * mask.shape[0])))
+    ax.imshow(mask.numpy(), aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_xlabel("position in the block")
+    ax.set_ylabel("example")
+    ax.set_title(title)
+    save_and_show(fig, path)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- 02: image
+
+
+def image_journey(model, processor, image, layer: int, prompt: str) -> dict:
+    """One image through the model: pixels -> patches -> CLIP features -> projector -> the <image> placeholders it
+    replaces in the prompt. Prints each shape and returns them."""
+    from .modeling import vision_features
+    from .training import project_cached_features, _llava_of
+
+    llava = _llava_of(model)
+    tower = llava.model.vision_tower
+    device = next(tower.parameters()).device
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    size, patch = tower.config.image_size, tower.config.patch_size
+    grid = size // patch
+    with torch.no_grad():
+        feats = vision_features(tower, pixels.to(device, next(tower.parameters()).dtype), layer)
+        projected = project_cached_features(model, feats.float())["image"].pooler_output[0]
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    n_placeholders = int((inputs["input_ids"] == llava.config.image_token_id).sum())
+    shapes = {"pixels": tuple(pixels.shape), "patches": (grid * grid, 3 * patch * patch),
+              "features": tuple(feats.shape), "projected": tuple(projected.shape),
+              "placeholders": n_placeholders, "prompt_tokens": int(inputs["input_ids"].shape[1])}
+    print(f"pixels              {shapes['pixels']}  (CLIP's preprocessing: resize, centre crop, normalise)")
+    print(f"patches             {grid} x {grid} = {grid * grid} of {patch} x {patch} pixels x 3 colours")
+    print(f"CLIP features       {shapes['features']}  (layer {layer}, the CLS token dropped)")
+    print(f"projector output    {shapes['projected']}  (one vector per patch, in the LLM's embedding width)")
+    print(f"prompt              '<image>' expands to {n_placeholders} placeholder tokens, "
+          f"{shapes['prompt_tokens']} tokens in all; the projected vectors replace the placeholders' embeddings")
+    return shapes
+
+
+def projector_summary(model) -> dict:
+    """The projector's layers and parameter count."""
+    from .training import _llava_of
+
+    projector = _llava_of(model).model.multi_modal_projector
+    rows = [{"layer": name, "shape": tuple(p.shape), "parameters": p.numel()}
+            for name, p in projector.named_parameters()]
+    print(projector)
+    show_table(rows)
+    total = sum(r["parameters"] for r in rows)
+    print(f"{total:,} parameters: the only ones stage 02 trains")
+    return {"parameters": total, "layers": rows}
+
+
+def feature_cache_saving(metrics: dict, epochs: float) -> dict:
+    """What caching the frozen tower's features saved in this run: the tower ran once per image instead of once
+    per image and epoch (and on every step of any rerun)."""
+    seconds = metrics.get("feature_cache_seconds", 0.0)
+    n = metrics.get("n_train_captions", 0)
+    print(f"the frozen vision tower ran once over the images ({seconds:.1f} s, train and held-out); running it at "
+          f"every step instead would repeat that work {epochs:g} time(s) per epoch of {n:,} captions, on every "
+          "rerun too, and decode every JPEG each time")
+    return {"cache_seconds": seconds, "epochs": epochs}
+
+
+# -------------------------------------------------------------------------------------------- 03: training
+
+
+def label_mask_html(tok, input_ids: list[int], labels: list[int], image_token_id: int | None = None) -> str:
+    """The tokens of one encoded conversation, coloured: green = a loss target, grey = ignored (-100)."""
+    spans, image_run = [], 0
+    for i, (t, label) in enumerate(zip(input_ids, labels)):
+        if image_token_id is not None and t == image_token_id:
+            image_run += 1
+            nxt = input_ids[i + 1] if i + 1 < len(input_ids) else None
+            if nxt != image_token_id:
+                spans.append(f'<span style="background:#ddd;color:#666">[{image_run} image tokens]</span>')
+                image_run = 0
+            continue
+        text = html.escape(tok.decode([t]))
+        style = "background:#b7e4a8" if label != -100 else "background:#eee;color:#777"
+        spans.append(f'<span style="{style}">{text}</span>')
+    legend = ('<div style="margin-top:4px;font-size:90%"><span style="background:#b7e4a8">loss target</span> '
+              '<span style="background:#eee;color:#777">ignored (label -100)</span></div>')
+    return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">' + "".join(spans)
+            + "</div>" + legend)
+
+
+def show_label_mask(tok, messages: list[dict], image_seq_length: int) -> dict:
+    """Render one conversation as training sees it, with the loss tokens marked; returns the counts."""
+    from .encoding import encode_conversation
+    from .tokenizer import image_token_id
+
+    enc = encode_conversation(tok, messages, image_seq_length)
+    targets = sum(label != -100 for label in enc["labels"])
+    try:
+        from IPython.display import HTML, display
+
+        display(HTML(label_mask_html(tok, enc["input_ids"], enc["labels"], image_token_id(tok))))
+    except ImportError:  # pragma: no cover
+        pass
+    print(f"{len(enc['input_ids'])} tokens, {targets} of them loss targets (the answers and the EOS closing each)")
+    return {"tokens": len(enc["input_ids"]), "targets": targets}
+
+
+def lora_summary(model) -> dict:
+    """Which modules carry LoRA adapters, and the trainable share of the parameters."""
+    from collections import Counter
+
+    kinds = Counter(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")
+                    and "language_model" in name)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    show_table([{"module": k, "adapted layers": v} for k, v in sorted(kinds.items())])
+    print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%}): LoRA {lora:,} + the "
+          f"projector's full-precision copy {trainable - lora:,}")
+    return {"targets": dict(kinds), "trainable": trainable, "total": total, "lora": lora}
+
+
+def quantized_layer_bytes(model) -> dict:
+    """The bytes of one 4-bit nf4 weight (as bitsandbytes stores it) next to the same weight in bf16."""
+    import bitsandbytes as bnb
+
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    weight = layer.weight
+    state = weight.quant_state
+    numel = layer.in_features * layer.out_features
+    nf4 = weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "state2", None) is not None:
+        nf4 += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    bf16 = numel * 2
+    print(f"{name}: {layer.out_features} x {layer.in_features} = {numel:,} weights -> nf4 {nf4:,} bytes "
+          f"({8 * nf4 / numel:.2f} bits per weight) vs bf16 {bf16:,} bytes: {bf16 / nf4:.1f}x smaller")
+    return {"layer": name, "nf4_bytes": nf4, "bf16_bytes": bf16, "weights": numel}
