@@ -126,7 +126,7 @@ def project_cached_features(model, vision_features: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------- the loss at answer positions
-LOSS_ELEMENTS_PER_CHUNK = 2 ** 26  # logits computed at once: 64M (1,310 positions of Phi-2's 51,200-token vocab)
+LOSS_ELEMENTS_PER_CHUNK = 2 ** 25  # logits computed at once: 32M (655 positions of Phi-2's 51,200-token vocab)
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
