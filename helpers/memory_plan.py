@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import types
 import unittest.mock
@@ -221,6 +222,27 @@ def stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: b
 
     Returns (model, quantized_names): `quantized_names` are the parameters stored as nf4.
     """
+    return _build_stage_model(_profile(profile), _stage(stage), compute_dtype, load_in_4bit, lora_r)
+
+
+def model_key(profile):
+    """The profile reduced to what shapes the stages' models (hashable; a cache key)."""
+    from .config import StageSpec
+
+    profile = _profile(profile)
+    unit = StageSpec(learning_rate=1.0, batch_size=1)
+    return profile.replace(pretrain=unit, clip=unit, projection=unit, instruct=unit, n_train_samples=None,
+                           gradient_checkpointing=False, seed=0, n_eval_samples=0, max_new_tokens=0,
+                           projector_learning_rate=0.0, world=None)
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: bool, lora_r: int | None):
+    """stage_model built once per setting for the plans (meta models hold no memory); shared, never modified."""
+    return _build_stage_model(profile, stage, compute_dtype, load_in_4bit, lora_r)
+
+
+def _build_stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: bool, lora_r: int | None):
     profile = _profile(profile)
     stage = _stage(stage)
     if stage == "projection":
@@ -313,16 +335,16 @@ class _CudaSemantics(TorchFunctionMode):
 
 class _DropoutWithBoolMask(torch.autograd.Function):
     """CUDA's native_dropout keeps a bool mask (1 byte per element); the meta kernel would keep one in the input
-    dtype."""
+    dtype. The forward and backward are each one elementwise kernel (what helpers.time_plan counts)."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(torch.empty(x.shape, dtype=torch.bool, device=x.device))
-        return torch.empty_like(x)
+        return x.mul(1.0)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad.mul(1.0)
 
 
 def _cuda_dropout(input, p=0.5, training=True, inplace=False):
@@ -392,7 +414,8 @@ class _KeepLastHidden:
 
 def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch.dtype | None = None,
                   attention: str = "efficient", image_seq_length: int | None = None, loss: str = "model",
-                  answer_fraction: float = 1.0) -> torch.Tensor:
+                  answer_fraction: float = 1.0, chunk_tokens: int | None = None,
+                  recompute_loss: bool = True) -> torch.Tensor:
     """One training forward with its loss, as the course runs it, on a meta (or real) LLaVA: `batch_size` rows of
     `seq_length` tokens starting with the image placeholders, vision features through the projector
     (``helpers.training.project_cached_features``), bf16 autocast and the SDPA kernel emulated on meta.
@@ -439,7 +462,7 @@ def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch
             rows = torch.arange(n, device=device)
             targets = torch.zeros(n, dtype=torch.long, device=device)
             picked = hidden[:, :-1].reshape(-1, d).index_select(0, rows)  # stands for hidden[:, :-1][mask]
-            return chunked_cross_entropy_sum(llava.lm_head, picked, targets) / n
+            return chunked_cross_entropy_sum(llava.lm_head, picked, targets, chunk_tokens, recompute_loss) / n
     finally:
         llava.model.get_placeholder_mask = original_mask
         if keep is not None:
@@ -502,6 +525,41 @@ def measure_activations(model, batch_size: int, seq_length: int, autocast_dtype:
         for h in handles:
             h.remove()
     vocab = llava.config.text_config.vocab_size
+    n_targets = max(1, round(answer_fraction * batch_size * (seq_length - 1)))
+    prof.loss_transient = loss_backward_transient(loss, batch_size, seq_length, vocab, n_targets)
+    return prof
+
+
+@functools.lru_cache(maxsize=256)
+def _measured(key, stage, compute_dtype, load_in_4bit, lora_r, batch_size, seq_length, autocast, attention, loss,
+              answer_fraction) -> ActivationProfile:
+    model, _ = _stage_model(key, stage, compute_dtype, load_in_4bit, lora_r)
+    return measure_activations(model, batch_size, seq_length, compute_dtype if autocast else None, attention,
+                               key.image_seq_length, loss=loss, answer_fraction=answer_fraction)
+
+
+def planned_activations(profile, stage, compute_dtype, load_in_4bit, lora_r, batch_size, seq_length, autocast,
+                        attention, loss, answer_fraction) -> ActivationProfile:
+    """measure_activations for a plan, cached; batches above 2 rows are extrapolated from batches of 1 and 2 (every
+    saved tensor is either per row or fixed, so each count is affine in the batch; the loss transient is computed
+    for the real batch)."""
+    key = model_key(profile)
+    args = (key, _stage(stage), compute_dtype, load_in_4bit, lora_r)
+    tail = (seq_length, autocast, attention, loss, answer_fraction)
+    if batch_size <= 2:
+        return _measured(*args, batch_size, *tail)
+    one, two = _measured(*args, 1, *tail), _measured(*args, 2, *tail)
+    k = batch_size - 1
+
+    def affine(a, b):
+        return a + k * (b - a)
+
+    prof = ActivationProfile(outside_layers=affine(one.outside_layers, two.outside_layers),
+                             per_layer=[affine(a, b) for a, b in zip(one.per_layer, two.per_layer)],
+                             layer_input=affine(one.layer_input, two.layer_input),
+                             logits=affine(one.logits, two.logits),
+                             largest_in_layer=affine(one.largest_in_layer, two.largest_in_layer))
+    vocab = _stage_model(*args)[0].config.text_config.vocab_size
     n_targets = max(1, round(answer_fraction * batch_size * (seq_length - 1)))
     prof.loss_transient = loss_backward_transient(loss, batch_size, seq_length, vocab, n_targets)
     return prof
@@ -674,7 +732,7 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     if attention == "auto":
         attention = "math" if (precision == "bf16" and not card.native_bf16) else "efficient"
 
-    model, quantized = stage_model(profile, stage_name, compute_dtype, load_in_4bit=load_in_4bit, lora_r=lora_r)
+    model, quantized = _stage_model(model_key(profile), stage_name, compute_dtype, load_in_4bit, lora_r)
     counts = component_parameters(model)
     counts["quantized"] = sum(p.numel() for n, p in model.named_parameters() if n in quantized)
 
@@ -697,8 +755,8 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     optimizer_bytes = sum(p.numel() * 8 for p in trainable)  # AdamW: exp_avg + exp_avg_sq
     master_bytes = sum(p.numel() * 4 for p in trainable if p.dtype != torch.float32)
 
-    acts = measure_activations(model, batch_size, seq_length, compute_dtype if precision == "bf16" else None,
-                               attention, profile.image_seq_length, loss=loss, answer_fraction=answer_fraction)
+    acts = planned_activations(profile, stage_name, compute_dtype, load_in_4bit, lora_r, batch_size, seq_length,
+                               precision == "bf16", attention, loss, answer_fraction)
 
     assumptions = [
         f"trainable parameters fp32; AdamW 2 fp32 states each; fp32 master copies: "

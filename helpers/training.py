@@ -141,11 +141,12 @@ def _chunk_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 def chunked_cross_entropy_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor,
-                              chunk_tokens: int | None = None) -> torch.Tensor:
+                              chunk_tokens: int | None = None, recompute: bool = True) -> torch.Tensor:
     """Sum of the cross-entropy of ``lm_head(hidden)`` against `targets` (hidden: N x d, targets: N), computed
     `chunk_tokens` rows at a time under ``torch.utils.checkpoint``: only one chunk's logits (and their fp32 copy)
     exist at any time, in the forward and in the backward pass (which recomputes them), instead of N x vocab fp32
-    logits plus their gradient. Costs one more LM-head matmul per target position (about 1.5 % of a Phi-2 step)."""
+    logits plus their gradient. Costs one more LM-head matmul per target position (about 1.5 % of a Phi-2 step).
+    ``recompute=False`` keeps every chunk's tensors instead (the time planner counts kernels that way)."""
     from torch.utils.checkpoint import checkpoint
 
     chunk_tokens = chunk_tokens or loss_chunk_tokens(lm_head.out_features)
@@ -155,7 +156,7 @@ def chunked_cross_entropy_sum(lm_head, hidden: torch.Tensor, targets: torch.Tens
     total = None
     for start in range(0, n, chunk_tokens):
         h, y = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute and torch.is_grad_enabled() and h.requires_grad:
             part = checkpoint(_chunk_loss_sum, lm_head, h, y, use_reentrant=False)
         else:
             part = _chunk_loss_sum(lm_head, h, y)
