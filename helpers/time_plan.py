@@ -463,10 +463,13 @@ def assumed_data(profile, stage: str) -> DataShape:
     stage = mp._stage(stage)
     spec = profile.projection if stage == "projection" else profile.instruct
     n_img = profile.image_seq_length
-    if profile.world is not None:  # tiny
-        base = n_img + (26 if stage == "projection" else 60)
-        return DataShape(tuple([base] * 64), 0.15 if stage == "projection" else 0.08, "assumed (tiny world)",
-                         longest=spec.max_length)
+    if profile.world is not None:  # tiny: captions of ~26 tokens; dialogues of 1-3 turns, ~30-110 tokens
+        if stage == "projection":
+            return DataShape(tuple([n_img + 26] * 64), 0.15, "assumed (tiny world)", longest=spec.max_length)
+        dist = torch.distributions.LogNormal(math.log(60.0), 0.35)
+        qs = torch.linspace(0.005, 0.995, 200, dtype=torch.float64)
+        lengths = dist.icdf(qs).clamp(n_img + 10, spec.max_length).round().long().tolist()
+        return DataShape(tuple(lengths), 0.08, "assumed (tiny world)", longest=spec.max_length)
     if stage == "projection":
         return DataShape(tuple([n_img + 34] * 64), 0.18, "assumed: COCO captions, 83 tokens (at most 160), "
                          "18 % answer tokens", longest=min(160, spec.max_length))

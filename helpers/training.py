@@ -187,7 +187,11 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens:
     captured = {}
 
     def keep_hidden(module, args, output):
-        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured["hidden"] = hidden
+        kind = hidden.device.type
+        # the mixed precision the forward ran under (accelerate applies autocast inside model.forward only)
+        captured["autocast"] = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
 
     handle = llava.model.language_model.register_forward_hook(keep_hidden)
     try:
@@ -195,7 +199,9 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens:
     finally:
         handle.remove()
     hidden, targets = answer_targets(captured["hidden"], labels.to(captured["hidden"].device))
-    total = chunked_cross_entropy_sum(llava.lm_head, hidden, targets, chunk_tokens)
+    kind, enabled, dtype = captured["autocast"]
+    with torch.autocast(kind, dtype=dtype, enabled=enabled):  # the LM head as the model's own loss would run it
+        total = chunked_cross_entropy_sum(llava.lm_head, hidden, targets, chunk_tokens)
     n = targets.numel()
     if num_items_in_batch is None:
         return total / max(n, 1), n
