@@ -112,6 +112,24 @@ def _llava_of(model):
     return inner
 
 
+def _require_mm_encoder_outputs(llava_model) -> None:
+    """transformers < 5.18 has no ``mm_encoder_outputs`` in LlavaModel.forward and would silently ignore it (the
+    image placeholders would keep the <image> token's embedding and the projector would never train)."""
+    import inspect
+
+    cls = type(llava_model)
+    if cls not in _MM_CHECKED:
+        _MM_CHECKED[cls] = "mm_encoder_outputs" in inspect.signature(cls.forward).parameters
+    if not _MM_CHECKED[cls]:
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} cannot take cached vision features "
+                           "(LlavaModel.forward has no mm_encoder_outputs): install transformers>=5.18")
+
+
+_MM_CHECKED: dict = {}
+
+
 def project_cached_features(model, vision_features: torch.Tensor) -> dict:
     """Run the (trainable) projector on cached vision features and package them as LLaVA's encoder output.
 
@@ -119,6 +137,7 @@ def project_cached_features(model, vision_features: torch.Tensor) -> dict:
     (placeholder scatter, language model, shifted loss) is used unchanged.
     """
     llava = _llava_of(model)
+    _require_mm_encoder_outputs(llava.model)
     projector = llava.model.multi_modal_projector
     dtype = next(projector.parameters()).dtype
     projected = projector(vision_features.to(dtype))
