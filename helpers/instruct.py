@@ -70,9 +70,13 @@ def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=N
     (random micro-batches, the model's own loss over full logits), kept for comparisons. Gradient checkpointing
     follows ``profile.gradient_checkpointing`` (set by ``add_lora``); ``helpers.time_plan.recipe_for_gpu`` says
     when a GPU needs it."""
+    from .time_plan import training_callbacks
+
     args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
                               n_examples=len(dataset), save_steps=save_steps, length_balanced=length_balanced,
                               **overrides)
+    # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
+    callbacks = list(callbacks or []) + training_callbacks(profile, "instruct", dataset)
     trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
                                    data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks,
                                    projector_learning_rate=profile.projector_learning_rate,

@@ -868,3 +868,17 @@ def announce(profile, stage: str, dataset=None, gpu=None, **settings):
         print(f"(no plan: {type(exc).__name__}: {exc})")
         return None
     return plan
+
+
+def training_callbacks(profile, stage: str, dataset=None, gpu=None) -> list:
+    """What a stage's training function adds on a GPU: the memory and time plans printed for the GPU in use (with
+    the stage's real settings and the data set's lengths) and an :func:`eta_callback` comparing the measured
+    seconds per step with the plan. On a CPU (the tiny course) nothing is printed and no callback is added."""
+    if gpu is None and not torch.cuda.is_available():
+        return []
+    profile = _profile(profile)
+    stage = mp._stage(stage)
+    spec = profile.projection if stage == "projection" else profile.instruct
+    plan = announce(profile, stage, dataset=dataset, gpu=gpu, batch_size=spec.batch_size, grad_accum=spec.grad_accum,
+                    gradient_checkpointing=profile.gradient_checkpointing)
+    return [eta_callback(plan)]

@@ -95,3 +95,15 @@ def test_eta_callback_adds_measured_and_planned_step_times():
     logs = {"loss": 1.0}
     cb.on_log(args, state, TrainerControl(), logs=logs)
     assert logs["eta_min"] >= 0 and logs["planned_s_per_step"] == round(plan.step_seconds, 3)
+
+
+def test_training_callbacks_print_both_plans_for_a_gpu(capsys, instruct_lengths_dataset):
+    cbs = tp.training_callbacks(TINY, "instruct", instruct_lengths_dataset, gpu="T4")
+    text = capsys.readouterr().out
+    assert "Memory plan" in text and "Time plan" in text and "measured on the data set" in text
+    assert len(cbs) == 1 and tp.training_callbacks(TINY, "instruct") == []  # no GPU here: nothing
+
+
+@pytest.fixture
+def instruct_lengths_dataset():
+    return [{"input_ids": [1] * n, "labels": [-100] * (n - 5) + [7] * 5} for n in (40, 60, 80, 120)]
