@@ -41,13 +41,14 @@ def prompts(model, profile, batch_size: int, question_tokens: int, device):
     return ids.to(device), torch.ones_like(ids).to(device), pixels.to(device)
 
 
-def make_way(name, model, tok, ids, mask, pixels, n):
+def make_way(name, model, tok, ids, mask, pixels, n, backend="inductor"):
     common = dict(max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if name == "fast":
         from helpers.fast_generation import FastGreedy, cache_length_bucket
 
         context = model.config.text_config.max_position_embeddings
-        gen = FastGreedy(model, batch_size=ids.shape[0], max_cache_len=cache_length_bucket(ids.shape[1] + n, context))
+        gen = FastGreedy(model, batch_size=ids.shape[0], max_cache_len=cache_length_bucket(ids.shape[1] + n, context),
+                         backend=backend)
         return lambda: gen.generate(ids, mask, pixels, **common)
     kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False, **common)
     if name == "no cache":
@@ -62,13 +63,15 @@ def run_batch(model, tok, profile, device, batch_size: int, args, deadline) -> d
     pixels = pixels.to(next(model.model.vision_tower.parameters()).dtype)
     n = args.new_tokens
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if args.static_max_batch is not None and batch_size > args.static_max_batch:
+        ways = [w for w in ways if w != "static"]  # its compilation is the same cost again for every batch size
     outputs, fns, rows, notes = {}, {}, [], []
     for name in ways:
         if deadline.expired(reserve=15):
             notes.append(f"batch {batch_size}: {name} skipped (time limit)")
             continue
         try:
-            fn = make_way(name, model, tok, ids, mask, pixels, n)
+            fn = make_way(name, model, tok, ids, mask, pixels, n, args.fast_backend)
             C.reset_peak(device)
             start = time.perf_counter()
             with torch.no_grad():
@@ -119,6 +122,10 @@ def main(argv=None):
     parser.add_argument("--question-tokens", type=int, default=24)
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, in order of priority: {WAYS}")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per way (default 2 on CPU, 3 on GPU)")
+    parser.add_argument("--static-max-batch", type=int, default=None,
+                        help="run the stock static way only up to this batch size (each size compiles anew)")
+    parser.add_argument("--fast-backend", default="inductor", help="torch.compile backend of the fast way "
+                        "(inductor = mode reduce-overhead, CUDA graphs; cudagraphs = CUDA graphs without codegen)")
     args = parser.parse_args(argv)
     deadline = C.Deadline(args.time_limit)
     device = C.pick_device(args.device)

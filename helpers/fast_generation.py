@@ -91,7 +91,7 @@ class FastGreedy:
         self._top_cache_kw = _cache_kwarg(model.forward)
         self.backend = backend
         if self.compiled:  # fullgraph: a graph break would silently give up most of the speed; fail loudly instead
-            options = {"mode": mode} if backend == "inductor" else {}
+            options = {"mode": mode} if backend == "inductor" and mode else {}
             self._step = torch.compile(self._decode, backend=backend, fullgraph=True, **options)
         else:
             self._step = self._decode
@@ -185,8 +185,8 @@ class FastGreedy:
                 break
             last_position = last_position + 1
             bias = forbid_eos if step + 1 < min_new_tokens else no_eos
-            if self.compiled and self.backend == "inductor" and self.mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
+            if self.compiled and (self.backend == "cudagraphs" or self.mode == "reduce-overhead"):
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
             token = self._step(token[:, None].clone(), last_position, full_mask, self.cache, bias).clone()
         if streamer is not None:
             streamer.end()
