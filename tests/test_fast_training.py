@@ -126,3 +126,37 @@ def test_balanced_sampler_cuts_each_random_optimizer_batch_by_length():
             padded_random += len(chunk) * max(lengths[i] for i in chunk)
     real = sum(lengths)
     assert padded_balanced < 1.1 * real < 0.75 * padded_random  # measured: +3 % padding vs +55 %
+
+
+def test_balanced_batches_resume_where_they_stopped(saved_llava, tok, profile, instruct_examples, tmp_path):
+    """A run stopped after step 4 (a disconnected session) and resumed from its checkpoint continues with the same
+    length-balanced micro-batches: the same losses as a run that never stopped."""
+    from torch.utils.data import Subset
+    from transformers import TrainerCallback
+
+    from helpers.instruct import add_lora, load_4bit_llava, train_instruct
+
+    torch.set_num_threads(1)
+    data = Subset(instruct_examples, list(range(24)))
+    quick = dataclasses.replace(profile, instruct=StageSpec(learning_rate=2e-3, batch_size=2, grad_accum=2,
+                                                            max_steps=6, logging_steps=1, max_length=160))
+
+    class StopAt4(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
+    def run(out, callbacks=None):
+        model = add_lora(load_4bit_llava(saved_llava), quick)
+        trainer = train_instruct(model, data, tok, quick, Paths(quick, out), save_steps=2, callbacks=callbacks,
+                                 disable_tqdm=True)
+        assert trainer.args.train_sampling_strategy == "batch_rebalance"
+        return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
+
+    straight = run(tmp_path / "a")
+    stopped = run(tmp_path / "b", [StopAt4()])
+    assert max(stopped) == 4
+    resumed = run(tmp_path / "b")  # its history holds steps 1-4 from the checkpoint, then the two new ones
+    assert set(resumed) == set(straight) == {1, 2, 3, 4, 5, 6}
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6)
