@@ -10,6 +10,15 @@ PY=${PYTHON:-python}
 OUT=benchmarks/results
 mkdir -p "$OUT"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# transformers < 5.18 ignores the cached vision features (mm_encoder_outputs): with WHEELS=<folder of wheels>
+# (e.g. transformers-5.24.0, huggingface_hub >= 1.31, tokenizers >= 0.23.1) install them first, offline
+if ! $PY -c "import transformers, sys; v = tuple(int(x) for x in transformers.__version__.split('.')[:2]); sys.exit(v < (5, 18))"; then
+  if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    $PY -m pip install --no-deps --no-index -q "$WHEELS"/*.whl || echo "installing the wheels failed"
+  else
+    echo "WARNING: transformers < 5.18: stage-02/03 steps would ignore the cached vision features (set WHEELS=...)"
+  fi
+fi
 $PY -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, torch.cuda.get_device_name())"
 # 1. stage 03: old way (batch 4, checkpointing, random micro-batches, full logits) vs new way (length-balanced
 #    micro-batches of 16, no checkpointing: what recipe_for_gpu picks for an H200 on these lengths, answer-only
