@@ -50,7 +50,7 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
     from helpers.encoding import PadCollator
     from helpers.memory_plan import plan_memory
     from helpers.time_plan import DataShape, plan_time
-    from helpers.training import _llava_of, answer_only_loss, project_cached_features
+    from helpers.training import answer_only_loss, project_cached_features
 
     C.set_checkpointing(model, way["checkpointing"])
     model.train()
