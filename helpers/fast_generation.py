@@ -170,6 +170,7 @@ class FastGreedy:
         token = (prefill.logits[:, -1, :].float() + bias).argmax(dim=-1)
         new = torch.full((batch, max_new_tokens), pad, dtype=input_ids.dtype, device=device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        done_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)  # tokens until EOS
         last_position = position_ids[:, -1:]
         n = 0
         for step in range(max_new_tokens):
@@ -178,7 +179,9 @@ class FastGreedy:
             n = step + 1
             if streamer is not None:
                 streamer.put(token[:rows].cpu())
-            unfinished &= ~torch.isin(token, eos_ids)
+            ended = unfinished & torch.isin(token, eos_ids)
+            done_at = torch.where(ended, torch.full_like(done_at, step + 1), done_at)
+            unfinished &= ~ended
             if step + 1 == max_new_tokens:
                 break
             if (streamer is not None or step % 4 == 3) and not bool(unfinished[:rows].any()):
@@ -190,10 +193,9 @@ class FastGreedy:
             token = self._step(token[:, None].clone(), last_position, full_mask, self.cache, bias).clone()
         if streamer is not None:
             streamer.end()
-        out = new[:rows, :n]
-        # rows that ended early keep pad after their EOS, as generate does; trailing all-pad columns are dropped
-        # by generate too (it stops when every row has ended)
-        return torch.cat([input_ids[:rows], out], dim=1)
+        # generate stops at the step where the last row ended; rows that ended earlier are padded after their EOS
+        n = min(n, int(done_at[:rows].max()))
+        return torch.cat([input_ids[:rows], new[:rows, :n]], dim=1)
 
     # ------------------------------------------------------------------------------------------------ warm-up
     def warm_up(self, prompt_length: int | None = None, background: bool = False, on_done=None):

@@ -114,3 +114,17 @@ def test_demo_answers_the_same_through_the_fast_path(llava, processor, world):
         a = plain.ask(str(image), question)
         b = fast.ask(str(image), question, state=None)
         assert a.chat[-1] == b.chat[-1] and not a.error
+
+
+def test_generation_stops_when_every_row_has_ended(llava, processor, batch):
+    tok = processor.tokenizer
+    prompt = batch["input_ids"].shape[1]
+    free = llava.generate(**batch, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id,
+                          eos_token_id=None)
+    stops = sorted({int(free[r, prompt + k]) for r, k in ((0, 1), (1, 0), (2, 2))})  # every row ends early
+    kwargs = dict(max_new_tokens=12, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    expected = llava.generate(**batch, do_sample=False, **kwargs)
+    assert expected.shape[1] < prompt + 12
+    got = FastGreedy(llava, batch_size=3, max_cache_len=256, compile=False).generate(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **kwargs)
+    assert torch.equal(got, expected)
