@@ -171,3 +171,106 @@ def save_json(path: str | None, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2, default=str))
     print(f"results written to {path}")
+
+
+# ------------------------------------------------------------------------------------- shared by the new benchmarks
+class Deadline:
+    """A run's own time limit: phases ask `left()` / `expired()` and skip what no longer fits (nothing crashes)."""
+
+    def __init__(self, seconds: float | None):
+        self.start = time.perf_counter()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return float("inf") if not self.seconds else self.seconds - self.elapsed()
+
+    def expired(self, reserve: float = 0.0) -> bool:
+        return self.left() <= reserve
+
+
+def add_time_limit(parser: argparse.ArgumentParser, default: float) -> None:
+    parser.add_argument("--time-limit", type=float, default=default,
+                        help=f"seconds this run may take (default {default:g}); what no longer fits is skipped and "
+                             "reported, the JSON is written either way")
+
+
+def gpu_key(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    from helpers.time_plan import detect_gpu
+
+    return detect_gpu()
+
+
+def gpu_memory(device: torch.device):
+    """helpers.memory_plan.GPU of this CUDA device (for plans)."""
+    from helpers.memory_plan import GPU
+
+    props = torch.cuda.get_device_properties(device)
+    return GPU(props.name, props.total_memory / 2 ** 30, native_bf16=props.major >= 8)
+
+
+def random_4bit_llava(profile, device: torch.device, cache_dir: str | os.PathLike, seed: int = 0):
+    """A random LLaVA of the profile's sizes saved once under `cache_dir` (reused by later runs), then loaded the
+    course's way: ``helpers.instruct.load_4bit_llava`` (LLM in 4-bit nf4) + ``add_lora`` (profile's LoRA settings,
+    gradient checkpointing as the profile says). Returns (peft model, stand-in tokenizer, profile)."""
+    from helpers.instruct import add_lora, load_4bit_llava
+
+    path = Path(cache_dir)
+    if not (path / "config.json").exists():
+        lm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, _tok, _ = random_llava(profile, device, lm_dtype, seed=seed)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model = load_4bit_llava(path)
+    model = add_lora(model, profile)
+    return model, stand_in_tokenizer(profile), profile
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Gradient checkpointing on (the course's default arguments, as peft's prepare_model_for_kbit_training sets it)
+    or off, on a (peft-wrapped) LLaVA."""
+    from helpers.training import _llava_of
+
+    import warnings
+
+    llava = _llava_of(model)
+    with warnings.catch_warnings():  # transformers 5.2x renames these to activation_checkpointing_*
+        warnings.simplefilter("ignore", FutureWarning)
+        if on:
+            llava.gradient_checkpointing_enable()
+            if hasattr(llava, "enable_input_require_grads"):
+                llava.enable_input_require_grads()
+        else:
+            llava.gradient_checkpointing_disable()
+
+
+def synthetic_conversations(profile, lengths: list[int], answer_fraction: float, seed: int = 0) -> list[dict]:
+    """Training examples shaped like the course's (helpers.multimodal_data.ConversationDataset): image placeholders
+    first, random text tokens, answer spans as labels (about `answer_fraction` of the text), cached vision
+    features."""
+    from helpers.memory_plan import StandInTokenizer
+
+    tok = StandInTokenizer.for_profile(profile)
+    g = torch.Generator().manual_seed(seed)
+    n_img = profile.image_seq_length
+    vocab = min(profile.phi.vocab_size, tok.n_tokens)
+    examples = []
+    for length in lengths:
+        length = max(length, n_img + 8)
+        ids = torch.randint(2, vocab - 1, (length,), generator=g)
+        ids[1:1 + n_img] = tok.image_token
+        labels = torch.full((length,), -100, dtype=torch.long)
+        text = length - 1 - n_img
+        answer = max(1, int(round(answer_fraction * text)))
+        start = length - answer  # one answer span at the end (its position does not change the cost)
+        labels[start:] = ids[start:]
+        features = torch.randn(n_img, profile.vision.hidden_size, generator=g)
+        examples.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "vision_features": features})
+    return examples

@@ -91,9 +91,11 @@ class Update:
 
 # ----------------------------------------------------------------------------------------------- backend
 class DemoBackend:
-    def __init__(self, model, processor, asr=None, asr_loader=None, max_new_tokens: int = 64):
+    def __init__(self, model, processor, asr=None, asr_loader=None, max_new_tokens: int = 64,
+                 fast: bool | None = None):
         """`asr`: a :class:`helpers.asr.Transcriber`; or `asr_loader`, called on the first voice question and
-        returning ``(transcriber or None, reason)``."""
+        returning ``(transcriber or None, reason)``. `fast`: answer through ``helpers.fast_generation`` (static KV
+        cache + compiled decoding step, compiled once in the background now); default: on a GPU."""
         self.model, self.processor = model.eval(), processor
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = max_new_tokens
@@ -103,6 +105,42 @@ class DemoBackend:
         self.prompts: list[str] = []  # every prompt given to the model, in order (a hook for tests/learners)
         self.log: list[TurnLog] = []
         self._lock = threading.Lock()
+        self.fast = None
+        self.fast_status = "off"
+        self._start_fast_generation(fast)
+
+    # ------------------------------------------------------------------------------------ fast generation
+    def _start_fast_generation(self, fast: bool | None):
+        from . import fast_generation
+
+        on_gpu = next(self.model.parameters()).device.type == "cuda"
+        if fast is None:
+            fast = on_gpu and fast_generation.enabled() and fast_generation.supports(self.model)[0]
+        if not fast:
+            return
+        self.fast = fast_generation.FastGreedy(self.model, batch_size=1, max_cache_len=self.context_length)
+        if not self.fast.compiled:
+            self.fast_status = "ready (not compiled)"
+            return
+        self.fast_status = "compiling"
+        print("Compiling the fast answer generator in the background (static KV cache + CUDA graph, once per "
+              "session, about a minute); questions asked meanwhile wait for it.", flush=True)
+
+        def done(gen):
+            if gen.error is None:
+                self.fast_status = f"ready (compiled in {gen.warm_up_seconds:.0f} s)"
+            else:
+                self.fast_status = f"off ({type(gen.error).__name__}: {gen.error})"
+            print(f"Fast answer generator {self.fast_status}.", flush=True)
+
+        def warm():
+            with self._lock:  # no other generation while CUDA graphs are recorded
+                self.fast.warm_up(on_done=done)
+
+        threading.Thread(target=warm, daemon=True, name="demo-fast-generation").start()
+
+    def _fast_ready(self) -> bool:
+        return self.fast is not None and self.fast.usable()
 
     @classmethod
     def from_profile(cls, profile, paths, load_speech: bool = True, checkpoint=None):
@@ -188,6 +226,9 @@ class DemoBackend:
         heard = f"Heard: “{question}” ({log.asr_seconds:.2f} s). " if log.source == "voice" else ""
         self.prompts.append(prompt)
         log.prompt_tokens = n_prompt
+        if self.fast is not None and not self.fast.ready.is_set():
+            yield Update(chat, note + heard + "⏳ The fast answer generator is being compiled (once per session, "
+                         "about a minute); the answer follows.", prompt, state=state)
         answer, start = "", time.perf_counter()
         try:
             for answer in self._stream(inputs, min(self.max_new_tokens, room)):
@@ -234,9 +275,20 @@ class DemoBackend:
 
         def run():
             try:
-                self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False,
-                                    use_cache=True, eos_token_id=self.tokenizer.eos_token_id,
-                                    pad_token_id=self.tokenizer.pad_token_id)
+                if self._fast_ready():
+                    try:
+                        self.fast.generate(inputs["input_ids"], inputs.get("attention_mask"),
+                                           inputs.get("pixel_values"), streamer=streamer,
+                                           max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                                           pad_token_id=self.tokenizer.pad_token_id)
+                    except Exception as exc:  # the next questions use model.generate
+                        self.fast.error = exc
+                        self.fast_status = f"off ({type(exc).__name__}: {exc})"
+                        raise
+                else:
+                    self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False,
+                                        use_cache=True, eos_token_id=self.tokenizer.eos_token_id,
+                                        pad_token_id=self.tokenizer.pad_token_id)
             except Exception as exc:  # re-raised in the caller's thread
                 failure.append(exc)
                 streamer.on_finalized_text("", stream_end=True)

@@ -28,8 +28,13 @@ def _device_dtype(model):
 
 
 @torch.no_grad()
-def generate_answers(model, processor, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32):
-    """Greedy answers for a batch of (image, prompt). Returns [(text, ended_with_eos)]."""
+def generate_answers(model, processor, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32,
+                     batch_size: int | None = None):
+    """Greedy answers for a batch of (image, prompt). Returns [(text, ended_with_eos)].
+
+    On a GPU with a plain (merged) model this goes through ``helpers.fast_generation`` (static KV cache, compiled
+    decoding step; batches padded to `batch_size` so every chunk of an evaluation reuses one compiled step);
+    otherwise it is ``model.generate``."""
     tok = processor.tokenizer
     device, _ = _device_dtype(model)
     with left_padding(tok):
@@ -39,8 +44,11 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
     model.eval()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    from .fast_generation import generate_greedy
+
+    out = generate_greedy(model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
+                          max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, batch_size=batch_size)
     new = out[:, inputs["input_ids"].shape[1]:]
     results = []
     for row in new:
@@ -120,7 +128,7 @@ def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, 
     for i in tqdm(range(0, len(jobs), batch_size), desc="answering held-out questions", disable=not progress):
         chunk = jobs[i: i + batch_size]
         images = [Image.open(j[0]).convert("RGB") for j in chunk]
-        answers = generate_answers(model, processor, images, [j[1] for j in chunk], max_new_tokens)
+        answers = generate_answers(model, processor, images, [j[1] for j in chunk], max_new_tokens, batch_size)
         for (path, _, expected, qtype, question), (pred, ended) in zip(chunk, answers):
             rows.append({"image": path.name, "type": qtype, "question": question, "expected": expected,
                          "predicted": pred, "eos": ended,

@@ -61,14 +61,28 @@ def add_lora(model, profile):
 
 
 def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
-                   **overrides):
+                   length_balanced: bool = True, answer_only_loss: bool = True, **overrides):
     """QLoRA training. Checkpoints hold the LoRA adapters and the projector's trainable copy
-    (adapter_model.safetensors) plus optimizer/scheduler/RNG state; `resume` as in ``helpers.training.train``."""
+    (adapter_model.safetensors) plus optimizer/scheduler/RNG state; `resume` as in ``helpers.training.train``.
+
+    Speed (the same optimizer batches and loss as plain random micro-batches): with gradient accumulation, each
+    randomly drawn optimizer batch is cut into micro-batches of similar length (``length_balanced``), so little of
+    a micro-batch is padding; the loss is computed at the answer positions only, a chunk of logits at a time
+    (``helpers.training.answer_only_loss``); ``length_balanced=False, answer_only_loss=False`` is the plain way
+    (random micro-batches, the model's own loss over full logits), kept for comparisons. Gradient checkpointing
+    follows ``profile.gradient_checkpointing`` (set by ``add_lora``); ``helpers.time_plan.recipe_for_gpu`` says
+    when a GPU needs it."""
+    from .time_plan import training_callbacks
+
     args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
-                              n_examples=len(dataset), save_steps=save_steps, **overrides)
+                              n_examples=len(dataset), save_steps=save_steps, length_balanced=length_balanced,
+                              **overrides)
+    # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
+    callbacks = list(callbacks or []) + training_callbacks(profile, "instruct", dataset)
     trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
                                    data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks,
-                                   projector_learning_rate=profile.projector_learning_rate)
+                                   projector_learning_rate=profile.projector_learning_rate,
+                                   answer_only_loss=answer_only_loss)
     train(trainer, resume)
     return trainer
 

@@ -20,13 +20,24 @@ only shapes and dtypes. From that model it reads
   layer norm / softmax / pow / losses in fp32, following PyTorch's autocast op lists) and the attention kernel
   (memory-efficient SDPA keeps q, k, v, the output and a padding bias; where it is unavailable – bf16 on a T4 – the
   math kernel keeps the B x heads x T x T fp32 probabilities). With gradient checkpointing only each decoder layer's
-  input survives the forward pass; one layer is recomputed at a time in the backward pass, so the estimate is
-  ``outside-the-layers + n_layers x layer input + the largest layer``.
-* **logits transient** – the B x T x vocab logits plus their fp32 upcast / gradient, alive around the loss.
+  input survives the forward pass; one layer is recomputed at a time in the backward pass.
+* **the peak is one moment of the step, not a sum** – measured on an H200, stage 03's peak was the same for both
+  attention kernels (so not inside a layer) and grew by 0.92 GiB per 1024-token row: the moment the backward pass
+  starts at the loss, when everything the layers kept, the fp32 log-softmax the loss saved and the two fp32
+  gradients of the logits exist together. The plan takes the larger of (1) that moment (kept activations + what
+  the loss saved + the loss's backward transient) and (2) the backward through the layers (kept inputs + one
+  recomputed layer + the gradients in flight inside it); adding both, as earlier versions did, over-estimated
+  checkpointed runs by 15-21 % and missed the second fp32 gradient of the logits without checkpointing.
+* **persistent** – weights, AdamW states (they exist from the first optimizer step on, so every later step has
+  them), cuBLAS workspaces and, with gradient accumulation, the gradients (kept between micro-batches).
+* **the loss** – the course computes it at the answer positions only, a chunk of logits at a time
+  (``helpers.training.answer_only_loss``): its backward transient is one chunk instead of B x T x vocab fp32
+  gradients. ``loss="model"`` plans the model's own loss (for comparison with earlier measurements).
 
-The total is an estimate of ``torch.cuda.max_memory_allocated()``; a plan *fits* when it plus a CUDA context of
-about 0.5 GiB is below the memory the GPU reports. ``benchmarks/projector_cached_vs_tower.py --size phi2`` prints
-the measured peak of a stage-02 step next to this plan, so the estimate can be checked on any GPU.
+The total is an estimate of ``torch.cuda.max_memory_allocated()`` (with a 5 % allowance on the step's
+activations); a plan *fits* when it plus a CUDA context of about 0.5 GiB is below the memory the GPU reports.
+``benchmarks/memory_peaks.py --size phi2`` measures real peaks next to these plans over a grid of batch sizes,
+checkpointing on/off, both attention kernels and both losses.
 
 Notebook use::
 
@@ -37,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import types
 import unittest.mock
@@ -59,9 +71,12 @@ class GPU:
 
 GPUS = {
     "T4": GPU("NVIDIA T4 16 GB (Colab, SageMaker g4dn)", 14.75, native_bf16=False),
+    "L4": GPU("NVIDIA L4 24 GB (Colab, GCP g2)", 22.05, native_bf16=True),
+    "A10G": GPU("NVIDIA A10G 24 GB (AWS g5, SageMaker)", 22.05, native_bf16=True),
     "A100-40GB": GPU("NVIDIA A100 40 GB", 39.39, native_bf16=True),
     "A100-80GB": GPU("NVIDIA A100 80 GB", 79.15, native_bf16=True),
     "H100-80GB": GPU("NVIDIA H100 80 GB", 79.11, native_bf16=True),
+    "H200": GPU("NVIDIA H200 141 GB", 139.8, native_bf16=True),
 }
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspace: outside max_memory_allocated, but on the card
 
@@ -207,6 +222,27 @@ def stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: b
 
     Returns (model, quantized_names): `quantized_names` are the parameters stored as nf4.
     """
+    return _build_stage_model(_profile(profile), _stage(stage), compute_dtype, load_in_4bit, lora_r)
+
+
+def model_key(profile):
+    """The profile reduced to what shapes the stages' models (hashable; a cache key)."""
+    from .config import StageSpec
+
+    profile = _profile(profile)
+    unit = StageSpec(learning_rate=1.0, batch_size=1)
+    return profile.replace(pretrain=unit, clip=unit, projection=unit, instruct=unit, n_train_samples=None,
+                           gradient_checkpointing=False, seed=0, n_eval_samples=0, max_new_tokens=0,
+                           projector_learning_rate=0.0, world=None)
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: bool, lora_r: int | None):
+    """stage_model built once per setting for the plans (meta models hold no memory); shared, never modified."""
+    return _build_stage_model(profile, stage, compute_dtype, load_in_4bit, lora_r)
+
+
+def _build_stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: bool, lora_r: int | None):
     profile = _profile(profile)
     stage = _stage(stage)
     if stage == "projection":
@@ -299,16 +335,16 @@ class _CudaSemantics(TorchFunctionMode):
 
 class _DropoutWithBoolMask(torch.autograd.Function):
     """CUDA's native_dropout keeps a bool mask (1 byte per element); the meta kernel would keep one in the input
-    dtype."""
+    dtype. The forward and backward are each one elementwise kernel (what helpers.time_plan counts)."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(torch.empty(x.shape, dtype=torch.bool, device=x.device))
-        return torch.empty_like(x)
+        return x.mul(1.0)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad.mul(1.0)
 
 
 def _cuda_dropout(input, p=0.5, training=True, inplace=False):
@@ -330,10 +366,12 @@ def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
 
 @dataclass
 class ActivationProfile:
-    outside_layers: int = 0  # embeddings, projector, final norm, logits/loss
+    outside_layers: int = 0  # embeddings, projector, final norm, what the loss keeps
     per_layer: list[int] = field(default_factory=list)
     layer_input: int = 0  # one decoder layer's input hidden state (what checkpointing keeps)
     logits: int = 0  # the lm_head output
+    largest_in_layer: int = 0  # the largest single tensor a decoder layer keeps
+    loss_transient: int = 0  # what exists only while the loss is differentiated (see loss_backward_transient)
 
     @property
     def without_checkpointing(self) -> int:
@@ -344,24 +382,104 @@ class ActivationProfile:
         return self.outside_layers + len(self.per_layer) * self.layer_input + max(self.per_layer, default=0)
 
 
-def measure_activations(model, batch_size: int, seq_length: int, autocast_dtype: torch.dtype | None = None,
-                        attention: str = "efficient", image_seq_length: int | None = None,
-                        trace: list | None = None) -> ActivationProfile:
-    """Bytes autograd saves for the backward pass in one training forward (with loss) of a LLaVA model: a meta
-    one (no memory, any size) or a real one (a test checks that both give the same count).
+LOSSES = ("answer", "model")  # the course's answer-only chunked loss; the model's own loss over full logits
 
-    The batch is `batch_size` rows of `seq_length` tokens, each starting with the image placeholders; the vision
-    features enter through the projector as in the course's cached-feature path
-    (``helpers.training.project_cached_features``). `trace`, if given, receives (layer or None, shape, dtype,
-    bytes) for every tensor counted.
+
+def loss_backward_transient(loss: str, batch_size: int, seq_length: int, vocab: int, n_targets: int) -> int:
+    """Bytes that exist only while the loss is differentiated, on top of what the forward saved.
+
+    * ``"model"`` (transformers' ForCausalLMLoss over all B x T positions): log-softmax saved its fp32 output in the
+      forward (counted with the activations); its backward holds the incoming fp32 gradient and produces another fp32
+      B x T x vocab tensor: 2 x 4 bytes per logit;
+    * ``"answer"`` (``helpers.training.answer_only_loss``): one chunk of at most ``loss_chunk_tokens`` target rows is
+      recomputed (bf16 logits freed after their fp32 copy) and differentiated: its saved fp32 log-softmax, the incoming
+      and the outgoing fp32 gradient: 3 x 4 bytes per logit of one chunk.
     """
-    from .training import project_cached_features
+    from .training import loss_chunk_tokens
 
+    if loss == "model":
+        return 2 * 4 * batch_size * seq_length * vocab
+    chunk = min(loss_chunk_tokens(vocab), max(1, n_targets))
+    return 3 * 4 * chunk * vocab
+
+
+class _KeepLastHidden:
+    def __init__(self, module):
+        self.hidden = None
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch.dtype | None = None,
+                  attention: str = "efficient", image_seq_length: int | None = None, loss: str = "model",
+                  answer_fraction: float = 1.0, chunk_tokens: int | None = None,
+                  recompute_loss: bool = True) -> torch.Tensor:
+    """One training forward with its loss, as the course runs it, on a meta (or real) LLaVA: `batch_size` rows of
+    `seq_length` tokens starting with the image placeholders, vision features through the projector
+    (``helpers.training.project_cached_features``), bf16 autocast and the SDPA kernel emulated on meta.
+
+    ``loss="model"``: the model's own loss (labels = input ids, full logits). ``loss="answer"``: the answer-only
+    chunked loss of ``helpers.training.answer_only_loss``, with ``answer_fraction`` of the positions as targets
+    (meta tensors cannot be indexed by a data-dependent mask, so the gather is emulated with the same cost)."""
+    from .training import chunked_cross_entropy_sum, project_cached_features
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}")
     llava = _llava(model)
     config = llava.config
     n_img = image_seq_length or config.image_seq_length
     if seq_length <= n_img:
         raise ValueError(f"seq_length {seq_length} must exceed the {n_img} image tokens")
+    original_mask = llava.model.get_placeholder_mask
+    # LlavaModel checks placeholder and feature counts with .item(), impossible on meta: same mask, no check
+    llava.model.get_placeholder_mask = types.MethodType(
+        lambda self, input_ids, inputs_embeds, image_features:
+        (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds), llava.model)
+    keep = _KeepLastHidden(llava.model.language_model) if loss == "answer" else None
+    try:
+        device = next(model.parameters()).device
+        with torch.device(device):
+            ids = torch.zeros(batch_size, seq_length, dtype=torch.long)
+            ids[:, :n_img] = config.image_token_id
+            features = torch.zeros(batch_size, n_img, config.vision_config.hidden_size)
+        # without an attention mask transformers looks for packed sequences in the position ids (.item() again)
+        no_packing = unittest.mock.patch("transformers.masking_utils.find_packed_sequence_indices",
+                                         lambda position_ids: None)
+        with no_packing, _CudaSemantics(autocast_dtype, attention):
+            mm = project_cached_features(model, features)
+            if loss == "model":
+                out = model(input_ids=ids, labels=ids, mm_encoder_outputs=mm, use_cache=False)
+                if out.loss is None or tuple(out.logits.shape) != (batch_size, seq_length,
+                                                                   config.text_config.vocab_size):
+                    raise RuntimeError("the meta forward did not produce a loss and full logits")
+                return out.loss
+            model(input_ids=ids, mm_encoder_outputs=mm, use_cache=False, logits_to_keep=1)
+            hidden = keep.hidden
+            d = hidden.shape[-1]
+            n = max(1, round(answer_fraction * batch_size * (seq_length - 1)))
+            rows = torch.arange(n, device=device)
+            targets = torch.zeros(n, dtype=torch.long, device=device)
+            picked = hidden[:, :-1].reshape(-1, d).index_select(0, rows)  # stands for hidden[:, :-1][mask]
+            return chunked_cross_entropy_sum(llava.lm_head, picked, targets, chunk_tokens, recompute_loss) / n
+    finally:
+        llava.model.get_placeholder_mask = original_mask
+        if keep is not None:
+            keep.handle.remove()
+
+
+def measure_activations(model, batch_size: int, seq_length: int, autocast_dtype: torch.dtype | None = None,
+                        attention: str = "efficient", image_seq_length: int | None = None,
+                        trace: list | None = None, loss: str = "model",
+                        answer_fraction: float = 1.0) -> ActivationProfile:
+    """Bytes autograd saves for the backward pass in one training forward (with loss) of a LLaVA model: a meta
+    one (no memory, any size) or a real one (a test checks that both give the same count).
+
+    The forward is :func:`training_loss` (`loss` and `answer_fraction` as there). `trace`, if given, receives
+    (layer or None, shape, dtype, bytes) for every tensor counted.
+    """
+    llava = _llava(model)
     layers = llava.model.language_model.layers
     prof = ActivationProfile(per_layer=[0] * len(layers))
     params = {id(p) for p in model.parameters()}
@@ -379,6 +497,7 @@ def measure_activations(model, batch_size: int, seq_length: int, autocast_dtype:
                 prof.outside_layers += nbytes
             else:
                 prof.per_layer[state["layer"]] += nbytes
+                prof.largest_in_layer = max(prof.largest_in_layer, nbytes)
         return t
 
     def pre(i):
@@ -392,35 +511,57 @@ def measure_activations(model, batch_size: int, seq_length: int, autocast_dtype:
         state["layer"] = None
 
     def on_logits(module, args, output):
-        prof.logits = output.numel() * output.element_size()
+        prof.logits = max(prof.logits, output.numel() * output.element_size())
 
     handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(post) for layer in layers]
     handles.append(llava.lm_head.register_forward_hook(on_logits))
-    original_mask = llava.model.get_placeholder_mask
-    # LlavaModel checks placeholder and feature counts with .item(), impossible on meta: same mask, no check
-    llava.model.get_placeholder_mask = types.MethodType(
-        lambda self, input_ids, inputs_embeds, image_features:
-        (input_ids == self.config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds), llava.model)
     try:
         model.train()
-        with torch.device(next(model.parameters()).device):
-            ids = torch.zeros(batch_size, seq_length, dtype=torch.long)
-            ids[:, :n_img] = config.image_token_id
-            features = torch.zeros(batch_size, n_img, config.vision_config.hidden_size)
-        # without an attention mask transformers looks for packed sequences in the position ids (.item() again)
-        no_packing = unittest.mock.patch("transformers.masking_utils.find_packed_sequence_indices",
-                                         lambda position_ids: None)
-        with no_packing, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                _CudaSemantics(autocast_dtype, attention):
-            mm = project_cached_features(model, features)
-            out = model(input_ids=ids, labels=ids, mm_encoder_outputs=mm, use_cache=False)
-        if out.loss is None or tuple(out.logits.shape) != (batch_size, seq_length, config.text_config.vocab_size):
-            raise RuntimeError("the meta forward did not produce a loss and full logits")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            training_loss(model, batch_size, seq_length, autocast_dtype, attention, image_seq_length, loss,
+                          answer_fraction)
     finally:
         for h in handles:
             h.remove()
-        llava.model.get_placeholder_mask = original_mask
+    vocab = llava.config.text_config.vocab_size
+    n_targets = max(1, round(answer_fraction * batch_size * (seq_length - 1)))
+    prof.loss_transient = loss_backward_transient(loss, batch_size, seq_length, vocab, n_targets)
+    return prof
+
+
+@functools.lru_cache(maxsize=256)
+def _measured(key, stage, compute_dtype, load_in_4bit, lora_r, batch_size, seq_length, autocast, attention, loss,
+              answer_fraction) -> ActivationProfile:
+    model, _ = _stage_model(key, stage, compute_dtype, load_in_4bit, lora_r)
+    return measure_activations(model, batch_size, seq_length, compute_dtype if autocast else None, attention,
+                               key.image_seq_length, loss=loss, answer_fraction=answer_fraction)
+
+
+def planned_activations(profile, stage, compute_dtype, load_in_4bit, lora_r, batch_size, seq_length, autocast,
+                        attention, loss, answer_fraction) -> ActivationProfile:
+    """measure_activations for a plan, cached; batches above 2 rows are extrapolated from batches of 1 and 2 (every
+    saved tensor is either per row or fixed, so each count is affine in the batch; the loss transient is computed
+    for the real batch)."""
+    key = model_key(profile)
+    args = (key, _stage(stage), compute_dtype, load_in_4bit, lora_r)
+    tail = (seq_length, autocast, attention, loss, answer_fraction)
+    if batch_size <= 2:
+        return _measured(*args, batch_size, *tail)
+    one, two = _measured(*args, 1, *tail), _measured(*args, 2, *tail)
+    k = batch_size - 1
+
+    def affine(a, b):
+        return a + k * (b - a)
+
+    prof = ActivationProfile(outside_layers=affine(one.outside_layers, two.outside_layers),
+                             per_layer=[affine(a, b) for a, b in zip(one.per_layer, two.per_layer)],
+                             layer_input=affine(one.layer_input, two.layer_input),
+                             logits=affine(one.logits, two.logits),
+                             largest_in_layer=affine(one.largest_in_layer, two.largest_in_layer))
+    vocab = _stage_model(*args)[0].config.text_config.vocab_size
+    n_targets = max(1, round(answer_fraction * batch_size * (seq_length - 1)))
+    prof.loss_transient = loss_backward_transient(loss, batch_size, seq_length, vocab, n_targets)
     return prof
 
 
@@ -446,9 +587,19 @@ class MemoryPlan:
     master_weight_bytes: int
     activation_bytes_without_checkpointing: int
     activation_bytes_with_checkpointing: int
-    logits_transient_bytes: int
+    logits_transient_bytes: int  # what exists only while the loss is differentiated (see loss_backward_transient)
     cuda_context_bytes: int
     assumptions: list[str] = field(default_factory=list)
+    grad_accum: int = 1
+    loss: str = "answer"
+    outside_bytes: int = 0  # activations outside the decoder layers (embeddings, projector, final norm, the loss)
+    layer_input_bytes: int = 0
+    layer_sum_bytes: int = 0
+    layer_max_bytes: int = 0
+    layer_transient_bytes: int = 0  # gradients in flight inside one layer's backward: 2 x its largest tensor
+    n_layers: int = 0
+    workspace_bytes: int = 0  # cuBLAS / cuBLASLt workspaces (allocated through PyTorch's allocator)
+    margin: float = 0.0  # relative allowance on the step's activations (allocator rounding, unseen small tensors)
 
     @property
     def weights_total(self) -> int:
@@ -460,10 +611,55 @@ class MemoryPlan:
                 else self.activation_bytes_without_checkpointing)
 
     @property
+    def kept_layer_bytes(self) -> int:
+        """What the decoder layers keep until the backward pass reaches them."""
+        return self.n_layers * self.layer_input_bytes if self.gradient_checkpointing else self.layer_sum_bytes
+
+    @property
+    def gradients_persist(self) -> bool:
+        """With gradient accumulation the gradients of earlier micro-batches stay during the next forward."""
+        return self.grad_accum > 1
+
+    @property
+    def persistent_bytes(self) -> int:
+        """Alive through the whole step: weights, AdamW states (from the first optimizer step on), master copies,
+        workspaces and, with gradient accumulation, the gradients."""
+        return (self.weights_total + self.optimizer_bytes + self.master_weight_bytes + self.workspace_bytes
+                + (self.gradient_bytes if self.gradients_persist else 0))
+
+    @property
+    def loss_phase_bytes(self) -> int:
+        """Peak candidate 1, the end of the forward / start of the backward: every kept activation plus the loss's
+        backward transient (the full logits' gradients for the model's own loss)."""
+        return self.kept_layer_bytes + self.outside_bytes + self.logits_transient_bytes
+
+    @property
+    def layer_phase_bytes(self) -> int:
+        """Peak candidate 2, the backward through the decoder layers (the loss's tensors are gone by then). With
+        checkpointing one layer is recomputed at a time while the kept inputs of the layers below it are alive;
+        without gradient accumulation the gradients appear layer by layer as the kept inputs are released, so the
+        worse end of that trade is taken."""
+        grads = 0 if self.gradients_persist else self.gradient_bytes
+        layers = max(self.n_layers, 1)
+        if self.gradient_checkpointing:
+            kept_and_grads = max(self.n_layers * self.layer_input_bytes + grads // layers,
+                                 self.layer_input_bytes + grads)
+            return kept_and_grads + self.layer_max_bytes + self.layer_transient_bytes
+        return self.layer_sum_bytes + grads // layers + self.layer_transient_bytes
+
+    @property
+    def peak_phase(self) -> str:
+        return "loss" if self.loss_phase_bytes >= self.layer_phase_bytes else "layers"
+
+    @property
+    def step_bytes(self) -> int:
+        """The step's own peak on top of the persistent memory, with the margin."""
+        return int(max(self.loss_phase_bytes, self.layer_phase_bytes) * (1 + self.margin))
+
+    @property
     def total_bytes(self) -> int:
         """Estimated peak of torch.cuda.max_memory_allocated() during a training step."""
-        return (self.weights_total + self.gradient_bytes + self.optimizer_bytes + self.master_weight_bytes
-                + self.activation_bytes + self.logits_transient_bytes)
+        return self.persistent_bytes + self.step_bytes
 
     @property
     def needed_bytes(self) -> int:
@@ -480,9 +676,15 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(weights_total=self.weights_total, activation_bytes=self.activation_bytes,
-                 total_bytes=self.total_bytes, needed_bytes=self.needed_bytes, headroom_bytes=self.headroom_bytes,
-                 fits=self.fits)
+                 kept_layer_bytes=self.kept_layer_bytes, persistent_bytes=self.persistent_bytes,
+                 loss_phase_bytes=self.loss_phase_bytes, layer_phase_bytes=self.layer_phase_bytes,
+                 peak_phase=self.peak_phase, total_bytes=self.total_bytes, needed_bytes=self.needed_bytes,
+                 headroom_bytes=self.headroom_bytes, fits=self.fits)
         return d
+
+
+CUBLAS_WORKSPACE_GIB = 1 / 16  # cuBLAS + cuBLASLt workspaces of one stream (up to 32 MiB each on Hopper)
+ACTIVATION_MARGIN = 0.05  # tensors the saved-tensor count does not see: 3.5 % measured at batch 8 without checkpointing
 
 
 def _gpu(gpu) -> GPU:
@@ -497,20 +699,29 @@ def _gpu(gpu) -> GPU:
 def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: int | None = None,
                 seq_length: int | None = None, gradient_checkpointing: bool | None = None,
                 precision: str = "auto", load_in_4bit: bool = True, lora_r: int | None = None,
-                attention: str = "auto") -> MemoryPlan:
+                attention: str = "auto", grad_accum: int | None = None, loss: str = "answer",
+                answer_fraction: float = 1.0) -> MemoryPlan:
     """Memory needed to train `stage` ("projection" = 02, "instruct" = 03) of `profile` on `gpu`.
 
-    Defaults are the profile's own settings: its batch size, its ``max_length`` (the longest batch the collator can
-    produce), its gradient checkpointing flag and LoRA rank. ``precision="auto"`` is what the course does on a GPU:
-    ``helpers.training.bf16_supported()`` is true on every recent CUDA GPU (emulated on a T4), so the LLM is stored
-    in bf16 and the Trainer runs bf16 autocast; ``"fp32"`` plans the fp32 path. ``attention="auto"`` picks the
-    memory-efficient SDPA kernel, or the math kernel for bf16 on GPUs without native bf16 (T4).
+    Defaults are the profile's own settings: its batch size and gradient accumulation, its ``max_length`` (the
+    longest batch the collator can produce), its gradient checkpointing flag and LoRA rank. ``precision="auto"`` is
+    what the course does on a GPU: ``helpers.training.bf16_supported()`` is true on every recent CUDA GPU (emulated
+    on a T4), so the LLM is stored in bf16 and the Trainer runs bf16 autocast; ``"fp32"`` plans the fp32 path.
+    ``attention="auto"`` picks the memory-efficient SDPA kernel, or the math kernel for bf16 on GPUs without native
+    bf16 (T4). ``loss="answer"`` is the course's loss (``helpers.training.answer_only_loss``), ``"model"`` the
+    model's own loss over full logits; ``answer_fraction`` is the share of positions that are answer tokens (1 = the
+    worst case).
+
+    The peak is the larger of two moments of a step (the measured GPU peaks of the course's stages are one or the
+    other): the start of the backward pass at the loss, and the backward pass through the decoder layers. See
+    :class:`MemoryPlan`.
     """
     profile = _profile(profile)
     stage_name = _stage(stage)
     spec = profile.projection if stage_name == "projection" else profile.instruct
     batch_size = batch_size or spec.batch_size
     seq_length = seq_length or spec.max_length
+    grad_accum = spec.grad_accum if grad_accum is None else grad_accum
     checkpointing = profile.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     card = _gpu(gpu)
     if precision == "auto":
@@ -521,7 +732,7 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     if attention == "auto":
         attention = "math" if (precision == "bf16" and not card.native_bf16) else "efficient"
 
-    model, quantized = stage_model(profile, stage_name, compute_dtype, load_in_4bit=load_in_4bit, lora_r=lora_r)
+    model, quantized = _stage_model(model_key(profile), stage_name, compute_dtype, load_in_4bit, lora_r)
     counts = component_parameters(model)
     counts["quantized"] = sum(p.numel() for n, p in model.named_parameters() if n in quantized)
 
@@ -544,17 +755,19 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     optimizer_bytes = sum(p.numel() * 8 for p in trainable)  # AdamW: exp_avg + exp_avg_sq
     master_bytes = sum(p.numel() * 4 for p in trainable if p.dtype != torch.float32)
 
-    acts = measure_activations(model, batch_size, seq_length, compute_dtype if precision == "bf16" else None,
-                               attention, profile.image_seq_length)
-    vocab = _llava(model).config.text_config.vocab_size
-    logits_transient = acts.logits + batch_size * seq_length * vocab * 4  # + its fp32 upcast / gradient
+    acts = planned_activations(profile, stage_name, compute_dtype, load_in_4bit, lora_r, batch_size, seq_length,
+                               precision == "bf16", attention, loss, answer_fraction)
 
     assumptions = [
         f"trainable parameters fp32; AdamW 2 fp32 states each; fp32 master copies: "
         f"{'none needed' if not master_bytes else 'yes'}",
         "activations measured on the meta model (saved-tensor hooks), bf16 autocast and SDPA kernel emulated",
-        f"every batch padded to seq_length={seq_length} (the worst case; real batches pad to their longest row)",
-        f"CUDA context + workspace {CUDA_CONTEXT_GIB} GiB; allocator fragmentation not included",
+        f"every row padded to seq_length={seq_length} (the worst case; length-balanced batches pad little)",
+        "peak = the larger of the loss moment and the layer backward; gradients kept between micro-batches when "
+        f"accumulating (grad_accum={grad_accum}); {ACTIVATION_MARGIN:.0%} allowance on the step's activations",
+        f"loss: {'answer positions only, logits a chunk at a time' if loss == 'answer' else 'full logits'}",
+        f"CUDA context {CUDA_CONTEXT_GIB} GiB on the card; cuBLAS workspaces {CUBLAS_WORKSPACE_GIB:.3f} GiB "
+        "inside the peak; allocator fragmentation not included",
     ]
     if stage_name == "instruct" and load_in_4bit:
         assumptions.insert(0, "nf4, blocksize 64, double quantization: 4.127 bits per quantized weight; other "
@@ -569,8 +782,12 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
                       master_weight_bytes=master_bytes,
                       activation_bytes_without_checkpointing=acts.without_checkpointing,
                       activation_bytes_with_checkpointing=acts.with_checkpointing,
-                      logits_transient_bytes=logits_transient, cuda_context_bytes=int(CUDA_CONTEXT_GIB * GiB),
-                      assumptions=assumptions)
+                      logits_transient_bytes=acts.loss_transient, cuda_context_bytes=int(CUDA_CONTEXT_GIB * GiB),
+                      assumptions=assumptions, grad_accum=grad_accum, loss=loss, outside_bytes=acts.outside_layers,
+                      layer_input_bytes=acts.layer_input, layer_sum_bytes=sum(acts.per_layer),
+                      layer_max_bytes=max(acts.per_layer, default=0),
+                      layer_transient_bytes=2 * acts.largest_in_layer, n_layers=len(acts.per_layer),
+                      workspace_bytes=int(CUBLAS_WORKSPACE_GIB * GiB), margin=ACTIVATION_MARGIN)
 
 
 # ------------------------------------------------------------------------------------------------------ display
@@ -584,8 +801,8 @@ def format_plan(plan: MemoryPlan) -> str:
     p = plan.parameters
     lines = [
         f"Memory plan: profile {plan.profile}, stage {plan.stage}, {plan.gpu} ({plan.gpu_gib:.2f} GiB)",
-        f"  batch {plan.batch_size} x {plan.seq_length} tokens, {plan.precision}, attention {plan.attention}, "
-        f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"
+        f"  batch {plan.batch_size} x {plan.seq_length} tokens (x {plan.grad_accum} accumulated), {plan.precision}, "
+        f"attention {plan.attention}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}"
         + (", LLM in 4-bit nf4" if plan.load_in_4bit else ""),
         f"  parameters: {p['total']:,} total, {p['trainable']:,} trainable "
         f"(vision {p['vision_tower']:,}, projector {p['projector']:,}, LLM {p['language_model']:,}, "
@@ -596,14 +813,22 @@ def format_plan(plan: MemoryPlan) -> str:
         if n:
             lines.append(f"  weights: {part:<36}{_gib(n)}")
     act_note = "with" if plan.gradient_checkpointing else "without"
-    rows = [("gradients (fp32)", plan.gradient_bytes), ("AdamW states (2 x fp32)", plan.optimizer_bytes),
-            ("fp32 master weights", plan.master_weight_bytes),
-            (f"activations ({act_note} checkpointing)", plan.activation_bytes),
-            ("logits + fp32 upcast at the loss", plan.logits_transient_bytes)]
+    grads_note = "kept between micro-batches" if plan.gradients_persist else "built during the backward"
+    rows = [(f"gradients (fp32, {grads_note})", plan.gradient_bytes),
+            ("AdamW states (2 x fp32)", plan.optimizer_bytes),
+            ("fp32 master weights", plan.master_weight_bytes), ("cuBLAS workspaces", plan.workspace_bytes),
+            (f"kept by the layers ({act_note} checkpointing)", plan.kept_layer_bytes),
+            ("kept outside the layers (embeddings, loss)", plan.outside_bytes),
+            ("loss backward transient" + (" (full logits)" if plan.loss == "model" else " (one chunk)"),
+             plan.logits_transient_bytes),
+            ("one layer recomputed + its gradients" if plan.gradient_checkpointing else "one layer's gradients",
+             (plan.layer_max_bytes if plan.gradient_checkpointing else 0) + plan.layer_transient_bytes)]
     lines += [f"  {name:<45}{_gib(n)}" for name, n in rows]
     lines += [
         "  " + "-" * 58,
-        f"  {'estimated peak allocated':<45}{_gib(plan.total_bytes)}",
+        f"  {'peak at the loss (start of the backward)':<45}{_gib(plan.persistent_bytes + plan.loss_phase_bytes)}",
+        f"  {'peak in the layers backward':<45}{_gib(plan.persistent_bytes + plan.layer_phase_bytes)}",
+        f"  {'estimated peak allocated (+' + format(plan.margin, '.0%') + ' margin)':<45}{_gib(plan.total_bytes)}",
         f"  {'+ CUDA context':<45}{_gib(plan.cuda_context_bytes)}",
         f"  {'needed':<45}{_gib(plan.needed_bytes)}",
         f"  activations would be {plan.activation_bytes_without_checkpointing / GiB:.2f} GiB without and "
@@ -627,14 +852,14 @@ def show(profile="full", stage: str = "instruct", gpu="T4", **kwargs) -> MemoryP
 
 def summary_table(plans: list[MemoryPlan]) -> str:
     """A markdown table of several plans (docs/cost_and_scale.md is made with it)."""
-    head = ("| stage | GPU | batch x tokens | ckpt | weights | grads + AdamW | activations | logits | "
+    head = ("| stage | GPU | batch x tokens | ckpt | weights | grads + AdamW | activations | loss transient | "
             "peak est. | + context | fits |")
     lines = [head, "|" + "---|" * 11]
     for p in plans:
         lines.append(
             f"| {p.stage} | {p.gpu.split(' (')[0]} | {p.batch_size} x {p.seq_length} | "
             f"{'on' if p.gradient_checkpointing else 'off'} | {p.weights_total / GiB:.2f} | "
-            f"{(p.gradient_bytes + p.optimizer_bytes) / GiB:.2f} | {p.activation_bytes / GiB:.2f} | "
+            f"{(p.gradient_bytes + p.optimizer_bytes) / GiB:.2f} | {(p.kept_layer_bytes + p.outside_bytes) / GiB:.2f} | "
             f"{p.logits_transient_bytes / GiB:.2f} | {p.total_bytes / GiB:.2f} | {p.needed_bytes / GiB:.2f} | "
             f"{'yes' if p.fits else '**no**'} ({p.headroom_bytes / GiB:+.1f}) |")
     return "\n".join(lines)
@@ -652,10 +877,14 @@ def main(argv=None):
     parser.add_argument("--seq-length", type=int)
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--grad-accum", type=int, help="default: the profile's")
+    parser.add_argument("--loss", default="answer", choices=list(LOSSES))
+    parser.add_argument("--attention", default="auto", choices=["auto", "efficient", "math"])
     parser.add_argument("--json", help="also write the plan as JSON here")
     args = parser.parse_args(argv)
     plan = show(args.profile, args.stage, gpu=args.gpu, batch_size=args.batch_size, seq_length=args.seq_length,
-                gradient_checkpointing=False if args.no_checkpointing else None, precision=args.precision)
+                gradient_checkpointing=False if args.no_checkpointing else None, precision=args.precision,
+                grad_accum=args.grad_accum, loss=args.loss, attention=args.attention)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan.to_dict(), f, indent=2)

@@ -44,11 +44,20 @@ def default_save_steps(max_steps: int) -> int:
 
 
 def training_arguments(spec, out_dir: str | Path, seed: int, n_examples: int | None = None,
-                       save_steps: int | None = None, save_total_limit: int = 2, **overrides) -> TrainingArguments:
+                       save_steps: int | None = None, save_total_limit: int = 2, length_balanced: bool = False,
+                       **overrides) -> TrainingArguments:
     """TrainingArguments for one stage from its StageSpec.
 
     save_steps: checkpoint every this many optimizer steps (and at the end); None = every 25 % of the run;
-    0 = no checkpoints. The newest `save_total_limit` checkpoints are kept."""
+    0 = no checkpoints. The newest `save_total_limit` checkpoints are kept.
+
+    length_balanced: when an optimizer step is made of several micro-batches (gradient accumulation, or several
+    processes), let transformers' ``BatchRebalanceSampler`` (``train_sampling_strategy="batch_rebalance"``) cut each
+    randomly drawn optimizer batch into micro-batches of similar padded cost: long conversations share a
+    micro-batch with long ones, short with short, so little of a micro-batch is padding. Every optimizer step still
+    sees a random set of ``batch_size x grad_accum`` examples, and the loss is normalised by the answer tokens of the
+    whole optimizer batch (Trainer's ``num_items_in_batch``), so the step's loss and gradient do not depend on how it
+    is cut. With one micro-batch per optimizer step there is nothing to balance and the random sampler is kept."""
     max_steps = spec.max_steps
     if max_steps is None or max_steps <= 0:
         if n_examples is None:
@@ -80,8 +89,26 @@ def training_arguments(spec, out_dir: str | Path, seed: int, n_examples: int | N
         remove_unused_columns=False,
         disable_tqdm=False,
     )
+    if length_balanced and spec.grad_accum * _world_size() > 1:
+        kwargs.update(balanced_sampling_arguments())
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def balanced_sampling_arguments() -> dict:
+    """TrainingArguments fields for length-balanced micro-batches, in whichever form this transformers has."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in fields:  # transformers >= 5.x: BatchRebalanceSampler
+        return {"train_sampling_strategy": "batch_rebalance"}
+    if "group_by_length" in fields:  # older releases: LengthGroupedSampler
+        return {"group_by_length": True}
+    return {}
 
 
 def set_cpu_threads() -> None:
@@ -98,6 +125,24 @@ def _llava_of(model):
     return inner
 
 
+def _require_mm_encoder_outputs(llava_model) -> None:
+    """transformers < 5.18 has no ``mm_encoder_outputs`` in LlavaModel.forward and would silently ignore it (the
+    image placeholders would keep the <image> token's embedding and the projector would never train)."""
+    import inspect
+
+    cls = type(llava_model)
+    if cls not in _MM_CHECKED:
+        _MM_CHECKED[cls] = "mm_encoder_outputs" in inspect.signature(cls.forward).parameters
+    if not _MM_CHECKED[cls]:
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} cannot take cached vision features "
+                           "(LlavaModel.forward has no mm_encoder_outputs): install transformers>=5.18")
+
+
+_MM_CHECKED: dict = {}
+
+
 def project_cached_features(model, vision_features: torch.Tensor) -> dict:
     """Run the (trainable) projector on cached vision features and package them as LLaVA's encoder output.
 
@@ -105,10 +150,96 @@ def project_cached_features(model, vision_features: torch.Tensor) -> dict:
     (placeholder scatter, language model, shifted loss) is used unchanged.
     """
     llava = _llava_of(model)
+    _require_mm_encoder_outputs(llava.model)
     projector = llava.model.multi_modal_projector
     dtype = next(projector.parameters()).dtype
     projected = projector(vision_features.to(dtype))
     return {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}
+
+
+# ----------------------------------------------------------------------------------- the loss at answer positions
+LOSS_ELEMENTS_PER_CHUNK = 2 ** 25  # logits computed at once: 32M (655 positions of Phi-2's 51,200-token vocab)
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Target positions whose logits exist at the same time in :func:`answer_only_loss`."""
+    return max(64, LOSS_ELEMENTS_PER_CHUNK // max(1, vocab_size))
+
+
+def _chunk_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden)
+    # the same arithmetic as transformers' ForCausalLMLoss: logits upcast to fp32, cross-entropy summed
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor,
+                              chunk_tokens: int | None = None, recompute: bool = True) -> torch.Tensor:
+    """Sum of the cross-entropy of ``lm_head(hidden)`` against `targets` (hidden: N x d, targets: N), computed
+    `chunk_tokens` rows at a time under ``torch.utils.checkpoint``: only one chunk's logits (and their fp32 copy)
+    exist at any time, in the forward and in the backward pass (which recomputes them), instead of N x vocab fp32
+    logits plus their gradient. Costs one more LM-head matmul per target position (about 1.5 % of a Phi-2 step).
+    ``recompute=False`` keeps every chunk's tensors instead (the time planner counts kernels that way)."""
+    from torch.utils.checkpoint import checkpoint
+
+    chunk_tokens = chunk_tokens or loss_chunk_tokens(lm_head.out_features)
+    n = hidden.shape[0]
+    if n == 0:  # no answer token in this micro-batch: a zero that still connects to the graph
+        return hidden.sum() * 0.0
+    total = None
+    for start in range(0, n, chunk_tokens):
+        h, y = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if recompute and torch.is_grad_enabled() and h.requires_grad:
+            part = checkpoint(_chunk_loss_sum, lm_head, h, y, use_reentrant=False)
+        else:
+            part = _chunk_loss_sum(lm_head, h, y)
+        total = part if total is None else total + part
+    return total
+
+
+def answer_targets(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """(hidden states, next-token targets) at the positions whose next token is a target (the answers and their
+    EOS): the label shift of a causal LM (position t predicts label t+1), then only the kept rows."""
+    shifted = labels[:, 1:]
+    keep = shifted != ignore_index
+    return hidden[:, :-1][keep], shifted[keep]
+
+
+def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens: int | None = None):
+    """The model's causal-LM loss, computed only where it is defined and without the full logits.
+
+    The LLaVA forward runs as usual (inside the wrapped model, so DDP and mixed precision see it) but is asked for
+    the logits of the last position only (``logits_to_keep=1``); the language model's final hidden states are taken
+    from a forward hook; the LM head and the cross-entropy then run on the answer positions alone, a chunk at a time
+    (:func:`chunked_cross_entropy_sum`). The result equals transformers' ForCausalLMLoss (sum over answer tokens
+    divided by `num_items_in_batch`, or by this batch's answer tokens when it is None), so Trainer's gradient
+    accumulation treats it exactly as before. Returns (loss, number of answer tokens in this batch)."""
+    llava = _llava_of(model)
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    captured = {}
+
+    def keep_hidden(module, args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured["hidden"] = hidden
+        kind = hidden.device.type
+        # the mixed precision the forward ran under (accelerate applies autocast inside model.forward only)
+        captured["autocast"] = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    handle = llava.model.language_model.register_forward_hook(keep_hidden)
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    hidden, targets = answer_targets(captured["hidden"], labels.to(captured["hidden"].device))
+    kind, enabled, dtype = captured["autocast"]
+    with torch.autocast(kind, dtype=dtype, enabled=enabled):  # the LM head as the model's own loss would run it
+        total = chunked_cross_entropy_sum(llava.lm_head, hidden, targets, chunk_tokens)
+    n = targets.numel()
+    if num_items_in_batch is None:
+        return total / max(n, 1), n
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch, n
 
 
 class CourseTrainer(AtomicCheckpointMixin, Trainer):
@@ -157,9 +288,17 @@ class CachedFeatureTrainer(CourseTrainer):
     only the trainable weights (the projector), not the frozen LLM and vision tower they were assembled from.
     """
 
-    def __init__(self, *args, projector_learning_rate: float | None = None, **kwargs):
+    def __init__(self, *args, projector_learning_rate: float | None = None, answer_only_loss: bool = True,
+                 **kwargs):
         self.projector_learning_rate = projector_learning_rate
+        self.answer_only_loss = answer_only_loss
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler).__name__ == "BatchRebalanceSampler":  # its own default seed is a constant (42)
+            sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return sampler
 
     def _trainable_only(self) -> bool:
         return not hasattr(self.model, "get_base_model") and not self.is_fsdp_enabled \
@@ -190,8 +329,17 @@ class CachedFeatureTrainer(CourseTrainer):
         features = inputs.pop("vision_features", None)
         if features is not None:
             inputs["mm_encoder_outputs"] = project_cached_features(model, features)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        if not self.answer_only_loss or return_outputs or "labels" not in inputs or self.label_smoother is not None \
+                or self.compute_loss_func is not None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # Trainer counts the answer tokens of the whole optimizer batch (num_items_in_batch) only for models that
+        # take loss kwargs; otherwise each micro-batch is a mean and Trainer divides by the accumulation steps
+        loss, _ = answer_only_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
+                and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for the model's own loss
+        return loss
 
     def create_optimizer(self, *args, **kwargs):
         if self.projector_learning_rate is None or self.optimizer is not None:

@@ -1,0 +1,109 @@
+"""The time plan: FLOPs counted on meta models equal a hand count, the calibration reproduces the GPU step times it
+was fitted to, and plans and recipes behave (slower GPUs take longer, recipes keep the effective batch and the
+budget)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import time_plan as tp
+from helpers.config import FULL, TINY
+
+
+def _one_layer_phi(spec, tok, attn="sdpa"):
+    from transformers import PhiModel
+
+    from helpers.modeling import phi_config
+
+    config = phi_config(dataclasses.replace(spec, num_hidden_layers=1), tok)
+    config._attn_implementation = attn
+    with torch.device("meta"):
+        return PhiModel(config).eval()
+
+
+@pytest.mark.parametrize("spec", [TINY.phi, FULL.phi], ids=["tiny", "phi2"])
+def test_flops_of_one_phi_decoder_layer_equal_a_hand_count(spec):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from helpers.memory_plan import StandInTokenizer
+
+    tok = StandInTokenizer.for_profile(TINY if spec is TINY.phi else FULL)
+    model = _one_layer_phi(spec, tok)
+    b, t, d, ff = 3, 40, spec.hidden_size, spec.intermediate_size
+    ids = torch.zeros(b, t, dtype=torch.long, device="meta")
+    counter = tp.KernelCounter()
+    layer = model.layers[0]
+    layer.register_forward_pre_hook(lambda m, a, k: setattr(counter, "in_layer", True), with_kwargs=True)
+    layer.register_forward_hook(lambda m, a, o: setattr(counter, "in_layer", False))
+    with counter:  # grad mode on: the counter tags kernels of a layer's (recomputable) forward
+        model(input_ids=ids)
+    # q, k, v, dense: 2 b t d^2 each; fc1, fc2: 2 b t d ff each; q k^T and attention x v: 2 b t^2 d each
+    hand = 4 * 2 * b * t * d * d + 2 * 2 * b * t * d * ff + 2 * 2 * b * t * t * d
+    counted = sum(f for f, inside in zip(counter.count.flops, counter.count.layer_forward) if inside)
+    assert counted == hand
+    with FlopCounterMode(display=False) as flop_counter:  # PyTorch's own counter sees the same FLOPs
+        model(input_ids=ids)
+    assert flop_counter.get_total_flops() == counter.count.total_flops
+
+
+def test_calibration_reproduces_the_h200_step_times():
+    """Batch 4 with checkpointing and batch 8 without (the same counts): planned within 15 % of the measured."""
+    for stage, batch, tokens, ckpt, attention, loss, measured in tp.CALIBRATION_POINTS:
+        if stage != "instruct" or attention != "efficient" or batch == 16:
+            continue
+        planned = tp.micro_step_seconds(FULL, stage, "H200", batch, tokens, ckpt, attention, loss)["seconds"]
+        assert planned == pytest.approx(measured, rel=0.15), (batch, ckpt)
+
+
+def test_plans_order_gpus_and_scale_with_data():
+    fast = tp.plan_time(FULL, "instruct", "H200")
+    slow = tp.plan_time(FULL, "instruct", "L4")  # the same kernels, priced on a smaller GPU
+    assert slow.step_seconds > 3 * fast.step_seconds
+    assert fast.micro_step["bound"].startswith("host")  # batch 4 on an H200 waits for kernel launches
+    double = tp.plan_time(FULL, "instruct", "L4", n_examples=2 * slow.n_examples)
+    assert double.hours == pytest.approx(2 * slow.hours, rel=0.02)
+    # length-balanced micro-batches pad less than random ones on the same data
+    data = tp.assumed_data(FULL, "instruct")
+    assert tp.padded_length(data, 4, 32, balanced=True) < 0.8 * tp.padded_length(data, 4, 32, balanced=False)
+    text = tp.format_time_plan(slow)
+    assert "L4" in text and "assumed" in text and "h (" in text
+
+
+def test_recipe_keeps_the_effective_batch_and_the_budget():
+    recipe = tp.recipe_for_gpu(TINY, "T4", budget_hours=0.01, available={"projection": 5000, "instruct": 5000})
+    for stage, r in recipe.stages.items():
+        spec = getattr(TINY, stage)
+        assert r.batch_size * r.grad_accum == spec.batch_size * spec.grad_accum
+        assert r.time.hours <= 0.01 or r.max_steps == 1
+        assert r.memory.fits and r.reason
+        profile = recipe.profile_for(TINY, stage)
+        assert getattr(profile, stage).batch_size == r.batch_size and profile.n_train_samples == r.n_examples
+    assert "Recipe for T4" in recipe.summary()
+
+
+def test_eta_callback_adds_measured_and_planned_step_times():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    plan = tp.plan_time(TINY, "instruct", "T4")
+    cb = tp.eta_callback(plan)
+    state = TrainerState(max_steps=10, global_step=0)
+    args = TrainingArguments(output_dir="/tmp/unused", report_to="none", use_cpu=True)
+    cb.on_train_begin(args, state, TrainerControl())
+    state.global_step = 4
+    logs = {"loss": 1.0}
+    cb.on_log(args, state, TrainerControl(), logs=logs)
+    assert logs["eta_min"] >= 0 and logs["planned_s_per_step"] == round(plan.step_seconds, 3)
+
+
+def test_training_callbacks_print_both_plans_for_a_gpu(capsys, instruct_lengths_dataset):
+    cbs = tp.training_callbacks(TINY, "instruct", instruct_lengths_dataset, gpu="T4")
+    text = capsys.readouterr().out
+    assert "Memory plan" in text and "Time plan" in text and "measured on the data set" in text
+    assert len(cbs) == 1 and tp.training_callbacks(TINY, "instruct") == []  # no GPU here: nothing
+
+
+@pytest.fixture
+def instruct_lengths_dataset():
+    return [{"input_ids": [1] * n, "labels": [-100] * (n - 5) + [7] * 5} for n in (40, 60, 80, 120)]
