@@ -115,6 +115,8 @@ class StageSpec:
     grad_accum: int = 1
     logging_steps: int = 10
     max_length: int = 512
+    gradient_checkpointing: bool | None = None  # None: the profile's gradient_checkpointing
+    save_steps: int | None = None  # checkpoint every this many steps; None: every 25 % of the run
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,9 @@ class Profile:
     # a later notebook trains a missing earlier stage on the spot only when this is true (tiny: minutes; full:
     # hours, so it must be asked for explicitly)
     train_missing_stages: bool = False
+    # on a GPU: stages 02 and 03 get the micro-batch, accumulation, checkpointing and amount of data that the memory
+    # and time plans say fit this many hours on the GPU found (helpers.time_plan.fit_to_gpu); None = as written
+    gpu_hours_per_stage: float | None = None
     # stage 01: the small Phi pretrained from scratch (in tiny mode it is *the* LLM of the course)
     pretrain_phi: PhiSpec = field(default_factory=PhiSpec)
     pretrain: StageSpec = field(default_factory=lambda: StageSpec(learning_rate=1e-3, batch_size=32))
@@ -163,6 +168,11 @@ class Profile:
     max_new_tokens: int = 64
     n_eval_samples: int = 300
     seed: int = 0
+
+    def checkpointing(self, stage: str) -> bool:
+        """Whether `stage` ("projection", "instruct") trains with gradient checkpointing."""
+        own = getattr(self, stage).gradient_checkpointing
+        return self.gradient_checkpointing if own is None else own
 
     @property
     def image_seq_length(self) -> int:
@@ -242,6 +252,7 @@ FULL = Profile(
     n_pope_questions=900,
     n_freeform_questions=50,
     n_audio_questions=60,
+    gpu_hours_per_stage=2.0,
     # a small Phi pretrained from scratch in notebook 01 (educational; Phi-2 is the course's LLM): 22M parameters in
     # its 8 layers plus 49M in the embedding and head of Phi-2's 51,200-token vocabulary. Heads of 80 dimensions as
     # in Phi-2, so partial rotary 0.4 rotates 32 (an even number: 64-dim heads would give 25 and crash)
@@ -297,6 +308,10 @@ def get_profile(name: str | None = None, settings: dict | None = None) -> Profil
         raise ValueError(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          f"(set {PROFILE_ENV} or the PROFILE parameter of the notebook).")
     profile = PROFILES[name]
+    if profile.gpu_hours_per_stage:  # the recipe for the GPU found (if any), before the user's settings: they win
+        from .time_plan import fit_to_gpu
+
+        profile = fit_to_gpu(profile)
     from_env = {key: os.environ[src.env] for key, src in SOURCES.items() if os.environ.get(src.env)}
     profile = with_settings(profile, from_env, origin="environment")
     profile = with_settings(profile, parse_settings(os.environ.get(SETTINGS_ENV, "")), origin=SETTINGS_ENV)

@@ -45,7 +45,7 @@ def add_lora(model, profile):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     # use_reentrant passed explicitly: PyTorch warns (and will raise) when checkpointing is called without it
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.gradient_checkpointing,
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.checkpointing("instruct"),
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
                         target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"], bias="none",
@@ -70,7 +70,7 @@ def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=N
     a micro-batch is padding; the loss is computed at the answer positions only, a chunk of logits at a time
     (``helpers.training.answer_only_loss``); ``length_balanced=False, answer_only_loss=False`` is the plain way
     (random micro-batches, the model's own loss over full logits), kept for comparisons. Gradient checkpointing
-    follows ``profile.gradient_checkpointing`` (set by ``add_lora``); ``helpers.time_plan.recipe_for_gpu`` says
+    follows ``profile.checkpointing("instruct")`` (set by ``add_lora``); ``helpers.time_plan.recipe_for_gpu`` says
     when a GPU needs it."""
     from .time_plan import training_callbacks
 

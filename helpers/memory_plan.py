@@ -705,10 +705,10 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
 
     Defaults are the profile's own settings: its batch size and gradient accumulation, its ``max_length`` (the
     longest batch the collator can produce), its gradient checkpointing flag and LoRA rank. ``precision="auto"`` is
-    what the course does on a GPU: ``helpers.training.bf16_supported()`` is true on every recent CUDA GPU (emulated
-    on a T4), so the LLM is stored in bf16 and the Trainer runs bf16 autocast; ``"fp32"`` plans the fp32 path.
-    ``attention="auto"`` picks the memory-efficient SDPA kernel, or the math kernel for bf16 on GPUs without native
-    bf16 (T4). ``loss="answer"`` is the course's loss (``helpers.training.answer_only_loss``), ``"model"`` the
+    what the course does on that GPU (``helpers.training.bf16_supported()``): bf16 (LLM stored in bf16, Trainer's
+    bf16 autocast) where the GPU has native bf16, fp32 on a T4 (whose bf16 is only emulated; never fp16, which
+    overflows in Phi attention). ``attention="auto"`` picks the memory-efficient SDPA kernel, or the math kernel for
+    bf16 on GPUs without native bf16 (only when bf16 is forced there). ``loss="answer"`` is the course's loss (``helpers.training.answer_only_loss``), ``"model"`` the
     model's own loss over full logits; ``answer_fraction`` is the share of positions that are answer tokens (1 = the
     worst case).
 
@@ -722,10 +722,10 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     batch_size = batch_size or spec.batch_size
     seq_length = seq_length or spec.max_length
     grad_accum = spec.grad_accum if grad_accum is None else grad_accum
-    checkpointing = profile.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    checkpointing = profile.checkpointing(stage_name) if gradient_checkpointing is None else gradient_checkpointing
     card = _gpu(gpu)
     if precision == "auto":
-        precision = "bf16"
+        precision = "bf16" if card.native_bf16 else "fp32"
     if precision not in ("bf16", "fp32"):
         raise ValueError("precision must be 'auto', 'bf16' or 'fp32' (fp16 overflows in Phi attention)")
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -44,7 +44,7 @@ def build_projection_model(profile, paths, tok):
     model = assemble_llava(lm, tower, tok, profile, seed=profile.seed).to(lm.device)
     freeze(model)
     model.model.multi_modal_projector.requires_grad_(True)
-    if profile.gradient_checkpointing:
+    if profile.checkpointing("projection"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     total, trainable = count_parameters(model)
@@ -71,8 +71,12 @@ def make_dataset(records, tok, profile, features, index, spec):
 def train_projector(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
                     **overrides):
     """Train the projector; checkpoints (projector weights only) and `resume` as in ``helpers.training.train``."""
+    from .time_plan import training_callbacks
+
     args = training_arguments(profile.projection, paths.stage_dir("02_projection") / "trainer", profile.seed,
                               n_examples=len(dataset), save_steps=save_steps, **overrides)
+    # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
+    callbacks = list(callbacks or []) + training_callbacks(profile, "projection", dataset)
     trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
                                    data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks)
     train(trainer, resume)

@@ -65,6 +65,13 @@ def show_setup(profile, paths: Paths) -> None:
         from .sources import describe
 
         reporting.show_table(describe(profile), ["setting", "value", "kind", "revision"])
+    if profile.gpu_hours_per_stage and torch.cuda.is_available():
+        from .time_plan import fitted_recipe_summary
+
+        print(fitted_recipe_summary(profile)
+              or f"{torch.cuda.get_device_name()}: no time plan for this GPU, the settings are as written")
+        print("(these are the settings unless SETTINGS / MMPHI_SETTINGS say otherwise; what runs is printed by "
+              "each training cell)")
 
 
 # Every training stage checkpoints into <output>/<profile>/<stage>/trainer/checkpoint-<step> (every 25 % of its steps

@@ -213,36 +213,6 @@ def _model_key(profile):
     return mp.model_key(profile)
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """One micro-step as counted: what the model is and what goes through it."""
-
-    profile: object  # a Profile reduced by _model_key, or "tiny" / "full"
-    stage: str
-    batch_size: int
-    seq_length: int
-    attention: str = "efficient"
-    loss: str = "answer"
-    answer_fraction: float = 1.0
-    precision: str = "bf16"
-    lora_r: int | None = None
-
-
-def _profile(profile):
-    return mp._profile(profile)
-
-
-def _model_key(profile):
-    """The profile reduced to what shapes the stage's model (a hashable cache key)."""
-    from .config import StageSpec
-
-    profile = _profile(profile)
-    unit = StageSpec(learning_rate=1.0, batch_size=1)
-    return profile.replace(pretrain=unit, clip=unit, projection=unit, instruct=unit, n_train_samples=None,
-                           gradient_checkpointing=False, seed=0, n_eval_samples=0, max_new_tokens=0,
-                           projector_learning_rate=0.0, world=None, name=profile.name)
-
-
 @functools.lru_cache(maxsize=64)
 def count_kernels(shape: StepShape) -> KernelCount:
     """Count the kernels of one training micro-step (forward with loss + backward) on the meta model."""
@@ -369,11 +339,12 @@ def micro_step_seconds(profile, stage: str, gpu, batch_size: int, seq_length: in
     """Planned seconds of one micro-step of `batch_size` rows padded to `seq_length` tokens on `gpu`."""
     spec = _spec(gpu)
     cal = cal or CALIBRATION
+    precision = "bf16" if spec.memory.native_bf16 else "fp32"  # what the course runs there (training.bf16_supported)
     if attention == "auto":
-        attention = "efficient" if spec.memory.native_bf16 else "math"
+        attention = "efficient"
     profile = _profile(profile)
     shape = StepShape(_model_key(profile), mp._stage(stage), batch_size, _round_length(seq_length, profile),
-                      attention, loss, round(answer_fraction, 2), "bf16", lora_r)
+                      attention, loss, round(answer_fraction, 2), precision, lora_r)
     count = _scaled_count(shape)
     n_quant, quant_weights = _quantized(shape.profile, shape.stage, lora_r)
     out = _micro_seconds(count, spec, cal, checkpointing, n_quant, quant_weights)
@@ -572,11 +543,11 @@ def plan_time(profile="full", stage: str = "instruct", gpu="T4", batch_size: int
     gpu_spec = _spec(gpu)
     batch_size = batch_size or spec.batch_size
     grad_accum = grad_accum or spec.grad_accum
-    ckpt = profile.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    ckpt = profile.checkpointing(stage) if gradient_checkpointing is None else gradient_checkpointing
     balanced = (stage == "instruct") if balanced is None else balanced
     data = data or assumed_data(profile, stage)
     if attention == "auto":
-        attention = "efficient" if gpu_spec.memory.native_bf16 else "math"
+        attention = "efficient"  # bf16 where native, else fp32: both have the memory-efficient kernel
     n_examples = n_examples or profile.n_train_samples or len(data.lengths)
     epochs = spec.epochs if epochs is None else epochs
     steps = max_steps or spec.max_steps
@@ -697,7 +668,8 @@ def memory_shape(data: DataShape, batch_size: int, grad_accum: int, balanced: bo
                            f"rows of {longest}")
 
 # what the full profile's sources hold (records a stage can use): COCO 2017 train captions, LLaVA-Instruct-150K
-SOURCE_RECORDS = {"projection": 591_753, "instruct": 157_712}
+SOURCE_RECORDS = {"projection": 591_753, "instruct": 157_712}  # COCO train2017 captions, LLaVA-Instruct-150K
+CAPTIONS_PER_IMAGE = 5  # COCO: 591,753 captions of 118,287 images
 
 
 @dataclass
@@ -714,9 +686,11 @@ class StageRecipe:
     reason: str
 
     def stage_spec(self, spec):
-        """The profile's StageSpec with this recipe's micro-batch, accumulation and steps."""
+        """The profile's StageSpec with this recipe's micro-batch, accumulation, steps, checkpointing and
+        checkpoint interval."""
         return dataclasses.replace(spec, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                                   max_steps=self.max_steps)
+                                   max_steps=self.max_steps, gradient_checkpointing=self.gradient_checkpointing,
+                                   save_steps=self.save_steps)
 
 
 @dataclass
@@ -726,13 +700,17 @@ class Recipe:
     stages: dict
 
     def profile_for(self, profile, stage: str):
-        """`profile` with this recipe's settings for `stage` (its StageSpec, gradient checkpointing and data cap)."""
+        """`profile` with this recipe's settings for `stage` (its StageSpec, with gradient checkpointing)."""
         profile = _profile(profile)
-        stage = mp._stage(stage)
-        r = self.stages[stage]
-        field_name = "projection" if stage == "projection" else "instruct"
-        return profile.replace(**{field_name: r.stage_spec(getattr(profile, field_name))},
-                               gradient_checkpointing=r.gradient_checkpointing, n_train_samples=r.n_examples)
+        field_name = "projection" if mp._stage(stage) == "projection" else "instruct"
+        return profile.replace(**{field_name: self.stages[field_name].stage_spec(getattr(profile, field_name))})
+
+    def apply(self, profile):
+        """`profile` with the recipe for both stages, and enough data for both: ``n_train_samples`` counts images
+        for stage 02 (about CAPTIONS_PER_IMAGE captions each) and conversations for stage 03."""
+        profile = self.profile_for(self.profile_for(profile, "projection"), "instruct")
+        images = math.ceil(self.stages["projection"].n_examples / CAPTIONS_PER_IMAGE)
+        return profile.replace(n_train_samples=max(images, self.stages["instruct"].n_examples))
 
     def summary(self) -> str:
         lines = [f"Recipe for {self.gpu} (budget {self.budget_hours:g} h per stage):"]
@@ -823,6 +801,28 @@ def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: di
     return Recipe(gpu_key, budget_hours, stages)
 
 
+@functools.lru_cache(maxsize=8)
+def _fitted_recipe(profile, gpu: str, hours: float) -> Recipe:
+    return recipe_for_gpu(profile, gpu, budget_hours=hours)
+
+
+def fit_to_gpu(profile, gpu=None):
+    """`profile` with :func:`recipe_for_gpu`'s settings for the GPU found (its ``gpu_hours_per_stage`` budget);
+    unchanged without a GPU that the plans know. Computed once per process."""
+    gpu = gpu or detect_gpu()
+    if gpu is None or not profile.gpu_hours_per_stage:
+        return profile
+    return _fitted_recipe(profile, _spec(gpu).key, profile.gpu_hours_per_stage).apply(profile)
+
+
+def fitted_recipe_summary(profile, gpu=None) -> str | None:
+    """What :func:`fit_to_gpu` chose for this profile and why, or None where it changes nothing."""
+    gpu = gpu or detect_gpu()
+    if gpu is None or not profile.gpu_hours_per_stage:
+        return None
+    return _fitted_recipe(profile, _spec(gpu).key, profile.gpu_hours_per_stage).summary()
+
+
 # ------------------------------------------------------------------------------------------------ live progress
 
 
@@ -880,5 +880,5 @@ def training_callbacks(profile, stage: str, dataset=None, gpu=None) -> list:
     stage = mp._stage(stage)
     spec = profile.projection if stage == "projection" else profile.instruct
     plan = announce(profile, stage, dataset=dataset, gpu=gpu, batch_size=spec.batch_size, grad_accum=spec.grad_accum,
-                    gradient_checkpointing=profile.gradient_checkpointing)
+                    gradient_checkpointing=profile.checkpointing(stage))
     return [eta_callback(plan)]

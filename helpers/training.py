@@ -65,7 +65,7 @@ def training_arguments(spec, out_dir: str | Path, seed: int, n_examples: int | N
         steps_per_epoch = math.ceil(n_examples / (spec.batch_size * spec.grad_accum))
         max_steps = max(1, math.ceil(steps_per_epoch * spec.epochs))
     if save_steps is None:
-        save_steps = default_save_steps(max_steps)
+        save_steps = spec.save_steps if getattr(spec, "save_steps", None) is not None else default_save_steps(max_steps)
     kwargs = dict(
         output_dir=str(out_dir),
         per_device_train_batch_size=spec.batch_size,

@@ -107,3 +107,27 @@ def test_training_callbacks_print_both_plans_for_a_gpu(capsys, instruct_lengths_
 @pytest.fixture
 def instruct_lengths_dataset():
     return [{"input_ids": [1] * n, "labels": [-100] * (n - 5) + [7] * 5} for n in (40, 60, 80, 120)]
+
+
+def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(monkeypatch):
+    """On a GPU the full profile takes recipe_for_gpu's settings for it (a T4 here): the recipe's effective batch,
+    a plan that fits the card and finishes in the budget; a setting the user gives still wins."""
+    import torch
+
+    from helpers.config import FULL, get_profile
+
+    monkeypatch.setattr(tp, "detect_gpu", lambda: "T4")
+    profile = get_profile("full")
+    for stage in ("projection", "instruct"):
+        spec, written = getattr(profile, stage), getattr(FULL, stage)
+        assert spec.batch_size * spec.grad_accum == written.batch_size * written.grad_accum
+        assert spec.max_steps >= 1 and spec.gradient_checkpointing is not None and spec.save_steps >= 1
+        plan = tp.plan_time(profile, stage, "T4")
+        assert plan.hours <= FULL.gpu_hours_per_stage
+        from helpers.memory_plan import plan_memory
+
+        assert plan_memory(profile, stage, gpu="T4", seq_length=160 if stage == "projection" else None).fits
+    assert profile.n_train_samples < FULL.n_train_samples  # a T4 gets less data than written
+    mine = get_profile("full", {"instruct.max_steps": 3, "n_train_samples": 64})
+    assert (mine.instruct.max_steps, mine.n_train_samples) == (3, 64)
+    assert mine.instruct.batch_size == profile.instruct.batch_size
