@@ -61,7 +61,7 @@ def add_lora(model, profile):
 
 
 def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
-                   length_balanced: bool = True, answer_only_loss: bool = True, **overrides):
+                   length_balanced: bool = True, answer_only_loss: bool = True, eval_dataset=None, **overrides):
     """QLoRA training. Checkpoints hold the LoRA adapters and the projector's trainable copy
     (adapter_model.safetensors) plus optimizer/scheduler/RNG state; `resume` as in ``helpers.training.train``.
 
@@ -71,20 +71,58 @@ def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=N
     (``helpers.training.answer_only_loss``); ``length_balanced=False, answer_only_loss=False`` is the plain way
     (random micro-batches, the model's own loss over full logits), kept for comparisons. Gradient checkpointing
     follows ``profile.checkpointing("instruct")`` (set by ``add_lora``); ``helpers.time_plan.recipe_for_gpu`` says
-    when a GPU needs it."""
+    when a GPU needs it. `eval_dataset` (held-out conversations): its answer loss is measured at every
+    checkpoint, for the validation curve."""
     from .time_plan import training_callbacks
 
+    if eval_dataset is not None:
+        overrides = {"eval_strategy": "steps", "prediction_loss_only": True,
+                     "per_device_eval_batch_size": profile.instruct.batch_size, **overrides}
     args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
                               n_examples=len(dataset), save_steps=save_steps, length_balanced=length_balanced,
                               **overrides)
+    if eval_dataset is not None:
+        args.eval_steps = args.save_steps  # a validation point at every checkpoint
     # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
     callbacks = list(callbacks or []) + training_callbacks(profile, "instruct", dataset)
-    trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
+    trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                                    data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks,
                                    projector_learning_rate=profile.projector_learning_rate,
                                    answer_only_loss=answer_only_loss)
     train(trainer, resume)
     return trainer
+
+
+def sample_answers_callback(processor, records, n_questions: int = 3, max_new_tokens: int = 16):
+    """A TrainerCallback that answers the first questions of a few held-out conversations at every checkpoint,
+    greedily with the model as it is then: how the answers change as training goes on. Rows collect in
+    ``callback.rows`` as {"step", "question", "expected", "answer"}."""
+    from PIL import Image
+    from transformers import TrainerCallback
+
+    from .chat_template import prompt_for_next_answer
+    from .inference import generate_answers
+
+    jobs = []
+    for r in records[:n_questions]:
+        question = r.messages[0]["content"].split("\n", 1)[-1]
+        jobs.append((r.image, prompt_for_next_answer([], question, processor.tokenizer.eos_token), question,
+                     r.messages[1]["content"]))
+
+    class SampleAnswers(TrainerCallback):
+        def __init__(self):
+            self.rows = []
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if model is None or not state.is_world_process_zero or not jobs:
+                return
+            images = [Image.open(j[0]).convert("RGB") for j in jobs]
+            answers = generate_answers(model, processor, images, [j[1] for j in jobs], max_new_tokens)
+            self.rows.extend({"step": state.global_step, "question": j[2], "expected": j[3], "answer": a}
+                             for j, (a, _) in zip(jobs, answers))
+            model.train()
+
+    return SampleAnswers()
 
 
 @torch.no_grad()

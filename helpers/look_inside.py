@@ -150,8 +150,8 @@ def show_label_mask(tok, messages: list[dict], image_seq_length: int) -> dict:
     return {"tokens": len(enc["input_ids"]), "targets": targets}
 
 
-def lora_summary(model) -> dict:
-    """Which modules carry LoRA adapters, and the trainable share of the parameters."""
+def lora_report(model) -> dict:
+    """Which modules carry LoRA adapters and the trainable share of the parameters (see :func:`show_lora`)."""
     from collections import Counter
 
     kinds = Counter(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")
@@ -159,14 +159,18 @@ def lora_summary(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    show_table([{"module": k, "adapted layers": v} for k, v in sorted(kinds.items())])
-    print(f"trainable: {trainable:,} of {total:,} parameters ({trainable / total:.2%}): LoRA {lora:,} + the "
-          f"projector's full-precision copy {trainable - lora:,}")
-    return {"targets": dict(kinds), "trainable": trainable, "total": total, "lora": lora}
+    return {"targets": dict(sorted(kinds.items())), "trainable": trainable, "total": total, "lora": lora}
 
 
-def quantized_layer_bytes(model) -> dict:
-    """The bytes of one 4-bit nf4 weight (as bitsandbytes stores it) next to the same weight in bf16."""
+def show_lora(report: dict) -> None:
+    show_table([{"module": k, "adapted layers": v} for k, v in report["targets"].items()])
+    print(f"trainable: {report['trainable']:,} of {report['total']:,} parameters "
+          f"({report['trainable'] / report['total']:.2%}): LoRA {report['lora']:,} + the projector's full-precision "
+          f"copy {report['trainable'] - report['lora']:,}")
+
+
+def nf4_layer_report(model) -> dict:
+    """The bytes of one 4-bit nf4 weight as bitsandbytes stores it, and of the same weight in bf16."""
     import bitsandbytes as bnb
 
     name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
@@ -176,43 +180,20 @@ def quantized_layer_bytes(model) -> dict:
     nf4 = weight.numel() * weight.element_size() + state.absmax.numel() * state.absmax.element_size()
     if getattr(state, "state2", None) is not None:
         nf4 += state.state2.absmax.numel() * state.state2.absmax.element_size()
-    bf16 = numel * 2
-    print(f"{name}: {layer.out_features} x {layer.in_features} = {numel:,} weights -> nf4 {nf4:,} bytes "
-          f"({8 * nf4 / numel:.2f} bits per weight) vs bf16 {bf16:,} bytes: {bf16 / nf4:.1f}x smaller")
-    return {"layer": name, "nf4_bytes": nf4, "bf16_bytes": bf16, "weights": numel}
+    return {"layer": name, "shape": (layer.out_features, layer.in_features), "weights": numel, "nf4_bytes": nf4,
+            "bf16_bytes": numel * 2}
 
 
-# --------------------------------------------------------------------------------------------- 04: speech
+def show_nf4(report: dict) -> None:
+    out_features, in_features = report["shape"]
+    print(f"{report['layer']}: {out_features} x {in_features} = {report['weights']:,} weights -> nf4 "
+          f"{report['nf4_bytes']:,} bytes ({8 * report['nf4_bytes'] / report['weights']:.2f} bits per weight) vs "
+          f"bf16 {report['bf16_bytes']:,} bytes: {report['bf16_bytes'] / report['nf4_bytes']:.1f}x smaller")
 
 
-def log_mel(samples) -> "torch.Tensor":
-    """The 80-bin log-Mel spectrogram Whisper's encoder reads (openai-whisper's own feature code)."""
-    import numpy as np
-    import whisper
-
-    return whisper.log_mel_spectrogram(np.asarray(samples, dtype=np.float32))
-
-
-def plot_speech(samples, sample_rate: int, transcript: str, path=None):
-    """A spoken question as Whisper receives it: the 16 kHz waveform beside its log-Mel spectrogram, with the
-    transcript as the title. Returns the spectrogram's shape (mel bins, 10 ms frames)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from .reporting import save_and_show
-
-    mel = log_mel(samples).numpy()
-    fig, (wave_ax, mel_ax) = plt.subplots(1, 2, figsize=(10, 2.4), gridspec_kw={"width_ratios": [1, 1.3]})
-    wave_ax.plot(np.arange(len(samples)) / sample_rate, samples, linewidth=0.4)
-    wave_ax.set_xlabel("seconds")
-    wave_ax.set_yticks([])
-    wave_ax.set_title(f"waveform, {sample_rate} Hz")
-    mel_ax.imshow(mel, origin="lower", aspect="auto", cmap="magma",
-                  extent=[0, mel.shape[1] / 100, 0, mel.shape[0]])
-    mel_ax.set_xlabel("seconds (10 ms frames)")
-    mel_ax.set_ylabel("mel bin")
-    mel_ax.set_title(f"log-Mel spectrogram {mel.shape[0]} x {mel.shape[1]}: what Whisper reads")
-    fig.suptitle(f"heard: \u201c{transcript}\u201d", fontsize=10)
-    fig.tight_layout()
-    save_and_show(fig, path)
-    return tuple(mel.shape)
+def show_checkpoint_answers(rows: list[dict]) -> None:
+    """The answers to the same held-out questions at every checkpoint of stage 03 (from its training callback)."""
+    if not rows:
+        print("no checkpoint was saved during training (save_steps = 0)")
+        return
+    show_table(rows, ["step", "question", "expected", "answer"], max_rows=40)

@@ -333,7 +333,7 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     from transformers import AutoProcessor
 
     from .instruct import (add_lora, export_merged, load_4bit_llava, quantized_module_names, run_device_and_dtype,
-                           train_instruct)
+                           sample_answers_callback, train_instruct)
     from .modeling import count_parameters
     from .projection import feature_table, make_dataset
     from .training import free_accelerator_memory, loss_history, reset_peak_memory, run_figures, set_cpu_threads
@@ -351,14 +351,22 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     tower = model.model.vision_tower
     feats, index = feature_table(tower, processor.image_processor, train, profile.vision_feature_layer,
                                  paths.features / "train")
+    vfeats, vindex = feature_table(tower, processor.image_processor, val, profile.vision_feature_layer,
+                                   paths.features / "val")
     dataset = make_dataset(train, tok, profile, feats, index, profile.instruct)
+    val_dataset = make_dataset(val, tok, profile, vfeats, vindex, profile.instruct)
     model = add_lora(model, profile)
     total, trainable = count_parameters(model)
     print(f"{n_quantized} linear layers in 4-bit nf4; {trainable:,} of {total:,} parameters trainable "
           "(LoRA adapters + full-precision projector)")
+    from . import look_inside
+
+    inside = {"lora": look_inside.lora_report(model), "nf4_layer": look_inside.nf4_layer_report(model)}
+    samples = sample_answers_callback(processor, val, max_new_tokens=profile.max_new_tokens)
     reset_peak_memory()
-    trainer = train_instruct(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps)
-    curves = {"train loss": loss_history(trainer)}
+    trainer = train_instruct(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps,
+                             eval_dataset=val_dataset, callbacks=[samples])
+    curves = {"train loss": loss_history(trainer), "validation loss": loss_history(trainer, "eval_loss")}
     figures = run_figures(trainer)
     if not trainer.is_world_process_zero():
         return StageResult({"steps": trainer.state.global_step}, curves)
@@ -399,7 +407,8 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     metrics["seconds"] = time.perf_counter() - start
     reporting.write_metrics(paths.metrics, "03_qlora_instruct", metrics)
     (paths.metrics / "03_heldout_answers.json").write_text(json.dumps(rows, indent=1, default=str))
-    return StageResult(metrics, curves, rows, {"merged": merged, "processor": processor, "val": val})
+    return StageResult(metrics, curves, rows, {"merged": merged, "processor": processor, "val": val,
+                                               "checkpoint_answers": samples.rows, **inside})
 
 
 def ensure_assistant(profile, paths: Paths):

@@ -277,6 +277,18 @@ def train(trainer: Trainer, resume=None):
     if checkpoint is None and main:
         clear_checkpoints(args.output_dir, verbose=main)
     trainer.accelerator.wait_for_everyone()
+    if checkpoint is not None:
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        if state.global_step >= args.max_steps:  # the run is complete: load it (Trainer would train one more step)
+            if main:
+                print(f"{checkpoint} holds the finished run: loaded, nothing left to train", flush=True)
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = state
+            return TrainOutput(state.global_step, state.log_history[-1].get("train_loss", 0.0) if state.log_history
+                               else 0.0, {})
     return trainer.train(resume_from_checkpoint=checkpoint)
 
 
@@ -374,10 +386,11 @@ def run_figures(trainer: Trainer) -> dict:
     return out
 
 
-def loss_history(trainer: Trainer) -> dict[str, list[float]]:
+def loss_history(trainer: Trainer, key: str = "loss") -> dict[str, list[float]]:
+    """The logged `key` ("loss": training, "eval_loss": validation) against the optimizer step."""
     steps, losses = [], []
     for row in trainer.state.log_history:
-        if "loss" in row and "step" in row:
+        if key in row and "step" in row:
             steps.append(row["step"])
-            losses.append(row["loss"])
+            losses.append(row[key])
     return {"step": steps, "loss": losses}

@@ -48,8 +48,10 @@ def test_lora_and_4bit_views(saved_llava, profile):
     from helpers.instruct import add_lora, load_4bit_llava
 
     model = add_lora(load_4bit_llava(saved_llava), profile)
-    out = look_inside.lora_summary(model)
+    out = look_inside.lora_report(model)
+    look_inside.show_lora(out)
     assert set(out["targets"]) == {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
     assert 0 < out["lora"] < out["trainable"] < out["total"]
-    sizes = look_inside.quantized_layer_bytes(model)
+    sizes = look_inside.nf4_layer_report(model)
+    look_inside.show_nf4(sizes)
     assert 4.0 < 8 * sizes["nf4_bytes"] / sizes["weights"] < 4.6  # nf4: 4 bits + block scales

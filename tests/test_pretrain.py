@@ -115,3 +115,25 @@ def test_batched_text_answers_equal_one_at_a_time(tok, profile):
     assert len(batched) == len(seen) == len(probes)
     for a, b in zip(batched, seen):
         assert a[: len(b)] == b[: len(a)]
+
+
+def test_rerunning_a_finished_stage_loads_it_instead_of_training_more(tmp_path, world, tok, profile):
+    """A notebook run twice: the second run finds the finished checkpoint, loads it and trains nothing (Trainer
+    itself would take one step beyond max_steps)."""
+    import dataclasses
+
+    from helpers.config import Paths, StageSpec
+    from helpers.pretrain import pretrain, read_corpus
+
+    torch.manual_seed(0)
+    spec = StageSpec(learning_rate=3e-3, batch_size=8, max_steps=3, logging_steps=1)
+    small = dataclasses.replace(profile, pretrain=spec)
+    paths = Paths(small, tmp_path)
+    docs = read_corpus(world.corpus)[:120]
+    first, model, _, _ = pretrain(small, paths, tok, docs, save_steps=3)
+    again, model_again, _, _ = pretrain(small, paths, tok, docs, save_steps=3)
+    assert first.state.global_step == again.state.global_step == 3
+    logged = [row for row in first.state.log_history if "train_runtime" not in row]  # the end-of-run summary row
+    assert again.state.log_history == logged
+    for a, b in zip(model.state_dict().values(), model_again.state_dict().values()):
+        assert torch.equal(a, b)
