@@ -309,11 +309,14 @@ def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None 
     metrics = {"initial_heldout_caption_loss": initial, "final_heldout_caption_loss": final,
                "steps": trainer.state.global_step, "n_train_captions": len(dataset),
                "skipped_records": dict(train_report.skipped), "feature_cache_seconds": cache_seconds,
+               "n_feature_images": len(index) + len(vindex),
+               "examples_seen": trainer.state.global_step * profile.projection.batch_size
+               * profile.projection.grad_accum * trainer.args.world_size,
                "sample_exact_captions": sum(r["exact"] for r in rows) / max(len(rows), 1),
                **run_figures(trainer), "seconds": time.perf_counter() - start}
     reporting.write_metrics(paths.metrics, "02_projection", metrics)
     return StageResult(metrics, {"train loss": loss_history(trainer)}, rows,
-                       {"model": model, "processor": processor, "val_dataset": val_dataset})
+                       {"model": model, "processor": processor, "val_dataset": val_dataset, "val": val})
 
 
 def ensure_projection(profile, paths: Paths):
