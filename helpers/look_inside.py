@@ -201,3 +201,39 @@ def show_checkpoint_answers(rows: list[dict]) -> None:
         print("no checkpoint was saved during training (save_steps = 0)")
         return
     show_table(rows, ["step", "question", "expected", "answer"], max_rows=40)
+
+
+# --------------------------------------------------------------------------------------------- 04: speech
+
+
+def log_mel(samples) -> "torch.Tensor":
+    """The 80-bin log-Mel spectrogram Whisper's encoder reads (openai-whisper's own feature code)."""
+    import numpy as np
+    import whisper
+
+    return whisper.log_mel_spectrogram(np.asarray(samples, dtype=np.float32))
+
+
+def plot_speech(samples, sample_rate: int, transcript: str, path=None):
+    """A spoken question as Whisper receives it: the 16 kHz waveform beside its log-Mel spectrogram, with the
+    transcript as the title. Returns the spectrogram's shape (mel bins, 10 ms frames)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .reporting import save_and_show
+
+    mel = log_mel(samples).numpy()
+    fig, (wave_ax, mel_ax) = plt.subplots(1, 2, figsize=(10, 2.4), gridspec_kw={"width_ratios": [1, 1.3]})
+    wave_ax.plot(np.arange(len(samples)) / sample_rate, samples, linewidth=0.4)
+    wave_ax.set_xlabel("seconds")
+    wave_ax.set_yticks([])
+    wave_ax.set_title(f"waveform, {sample_rate} Hz")
+    mel_ax.imshow(mel, origin="lower", aspect="auto", cmap="magma",
+                  extent=[0, mel.shape[1] / 100, 0, mel.shape[0]])
+    mel_ax.set_xlabel("seconds (10 ms frames)")
+    mel_ax.set_ylabel("mel bin")
+    mel_ax.set_title(f"log-Mel spectrogram {mel.shape[0]} x {mel.shape[1]}: what Whisper reads")
+    fig.suptitle(f"heard: \u201c{transcript}\u201d", fontsize=10)
+    fig.tight_layout()
+    save_and_show(fig, path)
+    return tuple(mel.shape)

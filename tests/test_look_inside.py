@@ -55,3 +55,12 @@ def test_lora_and_4bit_views(saved_llava, profile):
     sizes = look_inside.nf4_layer_report(model)
     look_inside.show_nf4(sizes)
     assert 4.0 < 8 * sizes["nf4_bytes"] / sizes["weights"] < 4.6  # nf4: 4 bits + block scales
+
+
+def test_speech_view_shows_whispers_own_features():
+    import numpy as np
+
+    pytest.importorskip("whisper")
+    tone = np.sin(np.linspace(0, 2000 * np.pi, 16000)).astype(np.float32)  # one second
+    assert look_inside.log_mel(tone).shape == (80, 100)  # 80 mel bins, 10 ms frames
+    assert look_inside.plot_speech(tone, 16000, "a tone") == (80, 100)
