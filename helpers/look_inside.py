@@ -198,7 +198,7 @@ def show_nf4(report: dict) -> None:
 def show_checkpoint_answers(rows: list[dict]) -> None:
     """The answers to the same held-out questions at every checkpoint of stage 03 (from its training callback)."""
     if not rows:
-        print("no checkpoint was saved during training (save_steps = 0)")
+        print("no checkpoint was saved in this run (save_steps = 0, or a finished run was loaded)")
         return
     show_table(rows, ["step", "question", "expected", "answer"], max_rows=40)
 
