@@ -599,6 +599,7 @@ class MemoryPlan:
     layer_transient_bytes: int = 0  # gradients in flight inside one layer's backward: 2 x its largest tensor
     n_layers: int = 0
     workspace_bytes: int = 0  # cuBLAS / cuBLASLt workspaces (allocated through PyTorch's allocator)
+    measured_extra_bytes: int = 0  # what the GPU measurements showed beyond the count (MEASURED_EXTRA_GIB)
     margin: float = 0.0  # relative allowance on the step's activations (allocator rounding, unseen small tensors)
 
     @property
@@ -625,7 +626,7 @@ class MemoryPlan:
         """Alive through the whole step: weights, AdamW states (from the first optimizer step on), master copies,
         workspaces and, with gradient accumulation, the gradients."""
         return (self.weights_total + self.optimizer_bytes + self.master_weight_bytes + self.workspace_bytes
-                + (self.gradient_bytes if self.gradients_persist else 0))
+                + self.measured_extra_bytes + (self.gradient_bytes if self.gradients_persist else 0))
 
     @property
     def loss_phase_bytes(self) -> int:
@@ -685,6 +686,11 @@ class MemoryPlan:
 
 CUBLAS_WORKSPACE_GIB = 1 / 16  # cuBLAS + cuBLASLt workspaces of one stream (up to 32 MiB each on Hopper)
 ACTIVATION_MARGIN = 0.05  # tensors the saved-tensor count does not see: 3.5 % measured at batch 8 without checkpointing
+# Measured on an H200 (benchmarks/results/memory_peaks_h200.json, qlora_step_h200.json) above what the count explains:
+# stage 02's peaks were 0.4-1.4 GiB over the counted ones in all six configurations (16 x 83 and 16 x 512 tokens,
+# with and without checkpointing, both losses), stage 03's up to 0.2 GiB (the old way on real LLaVA lengths). The
+# source is not identified; these allowances keep every measured peak at or below the plan (within 10 %).
+MEASURED_EXTRA_GIB = {"projection": 1.45, "instruct": 0.25}
 
 
 def _gpu(gpu) -> GPU:
@@ -768,6 +774,8 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
         f"loss: {'answer positions only, logits a chunk at a time' if loss == 'answer' else 'full logits'}",
         f"CUDA context {CUDA_CONTEXT_GIB} GiB on the card; cuBLAS workspaces {CUBLAS_WORKSPACE_GIB:.3f} GiB "
         "inside the peak; allocator fragmentation not included",
+        f"+{MEASURED_EXTRA_GIB[stage_name]} GiB measured on an H200 beyond what the count explains (source not "
+        "identified; helpers.memory_plan.MEASURED_EXTRA_GIB)",
     ]
     if stage_name == "instruct" and load_in_4bit:
         assumptions.insert(0, "nf4, blocksize 64, double quantization: 4.127 bits per quantized weight; other "
@@ -787,7 +795,8 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
                       layer_input_bytes=acts.layer_input, layer_sum_bytes=sum(acts.per_layer),
                       layer_max_bytes=max(acts.per_layer, default=0),
                       layer_transient_bytes=2 * acts.largest_in_layer, n_layers=len(acts.per_layer),
-                      workspace_bytes=int(CUBLAS_WORKSPACE_GIB * GiB), margin=ACTIVATION_MARGIN)
+                      workspace_bytes=int(CUBLAS_WORKSPACE_GIB * GiB),
+                      measured_extra_bytes=int(MEASURED_EXTRA_GIB[stage_name] * GiB), margin=ACTIVATION_MARGIN)
 
 
 # ------------------------------------------------------------------------------------------------------ display
@@ -817,6 +826,7 @@ def format_plan(plan: MemoryPlan) -> str:
     rows = [(f"gradients (fp32, {grads_note})", plan.gradient_bytes),
             ("AdamW states (2 x fp32)", plan.optimizer_bytes),
             ("fp32 master weights", plan.master_weight_bytes), ("cuBLAS workspaces", plan.workspace_bytes),
+            ("measured beyond the count (H200)", plan.measured_extra_bytes),
             (f"kept by the layers ({act_note} checkpointing)", plan.kept_layer_bytes),
             ("kept outside the layers (embeddings, loss)", plan.outside_bytes),
             ("loss backward transient" + (" (full logits)" if plan.loss == "model" else " (one chunk)"),

@@ -60,7 +60,7 @@ def test_calibration_reproduces_the_h200_step_times():
 def test_plans_order_gpus_and_scale_with_data():
     fast = tp.plan_time(FULL, "instruct", "H200")
     slow = tp.plan_time(FULL, "instruct", "L4")  # the same kernels, priced on a smaller GPU
-    assert slow.step_seconds > 3 * fast.step_seconds
+    assert slow.step_seconds > 2 * fast.step_seconds
     assert fast.micro_step["bound"].startswith("host")  # batch 4 on an H200 waits for kernel launches
     double = tp.plan_time(FULL, "instruct", "L4", n_examples=2 * slow.n_examples)
     assert double.hours == pytest.approx(2 * slow.hours, rel=0.02)
@@ -79,7 +79,8 @@ def test_recipe_keeps_the_effective_batch_and_the_budget():
         assert r.time.hours <= 0.01 or r.max_steps == 1
         assert r.memory.fits and r.reason
         profile = recipe.profile_for(TINY, stage)
-        assert getattr(profile, stage).batch_size == r.batch_size and profile.n_train_samples == r.n_examples
+        assert getattr(profile, stage).batch_size == r.batch_size
+        assert getattr(profile, stage).gradient_checkpointing == r.gradient_checkpointing
     assert "Recipe for T4" in recipe.summary()
 
 
