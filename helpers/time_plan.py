@@ -713,13 +713,6 @@ class Recipe:
         field_name = "projection" if mp._stage(stage) == "projection" else "instruct"
         return profile.replace(**{field_name: self.stages[field_name].stage_spec(getattr(profile, field_name))})
 
-    def apply(self, profile):
-        """`profile` with the recipe for both stages, and enough data for both: ``n_train_samples`` counts images
-        for stage 02 (about CAPTIONS_PER_IMAGE captions each) and conversations for stage 03."""
-        profile = self.profile_for(self.profile_for(profile, "projection"), "instruct")
-        images = math.ceil(self.stages["projection"].n_examples / CAPTIONS_PER_IMAGE)
-        return profile.replace(n_train_samples=max(images, self.stages["instruct"].n_examples))
-
     def summary(self) -> str:
         lines = [f"Recipe for {self.gpu} (budget {self.budget_hours:g} h per stage):"]
         for r in self.stages.values():
@@ -809,18 +802,51 @@ def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: di
     return Recipe(gpu_key, budget_hours, stages)
 
 
+RECIPE_FIELDS = ("batch_size", "grad_accum", "max_steps", "gradient_checkpointing", "save_steps", "n_examples")
+
+
 @functools.lru_cache(maxsize=8)
-def _fitted_recipe(profile, gpu: str, hours: float) -> Recipe:
-    return recipe_for_gpu(profile, gpu, budget_hours=hours)
+def _fitted_settings(profile, gpu: str, hours: float) -> dict:
+    """recipe_for_gpu's choices as plain settings, cached on disk (the plans take a minute on a small CPU; every
+    notebook asks for them): ``$MMPHI_CACHE`` or ``~/.cache/mmphi``, keyed by everything they depend on."""
+    import hashlib
+    import json
+    import os
+    from pathlib import Path
+
+    key = hashlib.sha256(repr((profile, gpu, hours, CALIBRATION, mp.MEASURED_EXTRA_GIB, RECIPE_FIELDS, 1)).encode())
+    cache = Path(os.environ.get("MMPHI_CACHE") or Path.home() / ".cache" / "mmphi") / "gpu_recipes"
+    path = cache / f"{key.hexdigest()[:20]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    recipe = recipe_for_gpu(profile, gpu, budget_hours=hours)
+    settings = {stage: {f: getattr(r, f) for f in RECIPE_FIELDS} for stage, r in recipe.stages.items()}
+    settings["summary"] = recipe.summary()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=1))
+        tmp.replace(path)
+    except OSError:  # a read-only home: recompute next time
+        pass
+    return settings
 
 
 def fit_to_gpu(profile, gpu=None):
-    """`profile` with :func:`recipe_for_gpu`'s settings for the GPU found (its ``gpu_hours_per_stage`` budget);
-    unchanged without a GPU that the plans know. Computed once per process."""
+    """`profile` with :func:`recipe_for_gpu`'s settings for the GPU found (its ``gpu_hours_per_stage`` budget):
+    per stage the micro-batch, accumulation, steps, checkpointing and checkpoint interval, and enough data for both
+    stages (``n_train_samples`` counts images for stage 02, about CAPTIONS_PER_IMAGE captions each, and conversations
+    for stage 03). Unchanged without a GPU that the plans know."""
     gpu = gpu or detect_gpu()
     if gpu is None or not profile.gpu_hours_per_stage:
         return profile
-    return _fitted_recipe(profile, _spec(gpu).key, profile.gpu_hours_per_stage).apply(profile)
+    settings = _fitted_settings(profile, _spec(gpu).key, profile.gpu_hours_per_stage)
+    changes = {}
+    for stage in ("projection", "instruct"):
+        chosen = {k: v for k, v in settings[stage].items() if k != "n_examples"}
+        changes[stage] = dataclasses.replace(getattr(profile, stage), **chosen)
+    images = math.ceil(settings["projection"]["n_examples"] / CAPTIONS_PER_IMAGE)
+    return profile.replace(**changes, n_train_samples=max(images, settings["instruct"]["n_examples"]))
 
 
 def fitted_recipe_summary(profile, gpu=None) -> str | None:
@@ -828,7 +854,7 @@ def fitted_recipe_summary(profile, gpu=None) -> str | None:
     gpu = gpu or detect_gpu()
     if gpu is None or not profile.gpu_hours_per_stage:
         return None
-    return _fitted_recipe(profile, _spec(gpu).key, profile.gpu_hours_per_stage).summary()
+    return _fitted_settings(profile, _spec(gpu).key, profile.gpu_hours_per_stage)["summary"]
 
 
 # ------------------------------------------------------------------------------------------------ live progress

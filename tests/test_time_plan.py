@@ -110,7 +110,7 @@ def instruct_lengths_dataset():
     return [{"input_ids": [1] * n, "labels": [-100] * (n - 5) + [7] * 5} for n in (40, 60, 80, 120)]
 
 
-def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(monkeypatch):
+def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(monkeypatch, tmp_path):
     """On a GPU the full profile takes recipe_for_gpu's settings for it (a T4 here): the recipe's effective batch,
     a plan that fits the card and finishes in the budget; a setting the user gives still wins."""
     import torch
@@ -118,6 +118,7 @@ def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(mo
     from helpers.config import FULL, get_profile
 
     monkeypatch.setattr(tp, "detect_gpu", lambda: "T4")
+    monkeypatch.setenv("MMPHI_CACHE", str(tmp_path))
     profile = get_profile("full")
     for stage in ("projection", "instruct"):
         spec, written = getattr(profile, stage), getattr(FULL, stage)
@@ -129,6 +130,9 @@ def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(mo
 
         assert plan_memory(profile, stage, gpu="T4", seq_length=160 if stage == "projection" else None).fits
     assert profile.n_train_samples < FULL.n_train_samples  # a T4 gets less data than written
+    assert len(list(tmp_path.glob("gpu_recipes/*.json"))) == 1  # computed once, then read from the cache
+    tp._fitted_settings.cache_clear()
+    assert get_profile("full") == profile
     mine = get_profile("full", {"instruct.max_steps": 3, "n_train_samples": 64})
     assert (mine.instruct.max_steps, mine.n_train_samples) == (3, 64)
     assert mine.instruct.batch_size == profile.instruct.batch_size
