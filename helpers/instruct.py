@@ -32,7 +32,21 @@ def load_4bit_llava(checkpoint):
                                                           device_map=device_map)
     model.model.multi_modal_projector.float()
     model.model.vision_tower.float()
+    if not torch.cuda.is_available():
+        keep_4bit_layout_for_training(model)
     return model
+
+
+def keep_4bit_layout_for_training(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only layout the first time the
+    layer runs in eval mode without gradients (the validation loss, sample answers during training): training steps
+    after that fail ("a view of a leaf Variable ... in-place operation") and the weight no longer dequantizes
+    correctly. Training evaluates along the way, so the course keeps the trainable layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantized_module_names(model) -> list[str]:

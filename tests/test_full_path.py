@@ -165,3 +165,27 @@ def test_free_form_answers_are_judged_by_content_words():
     assert judge_freeform("A bus, white.", reference)["recall"] == pytest.approx(2 / 3)
     assert not judge_freeform("There is a green car.", reference)["correct"]
     assert judge_freeform("There are 2 dogs", "two dogs")["recall"] == 1.0
+
+
+def test_evaluating_during_training_does_not_break_4bit_training_on_a_cpu(saved_llava, profile):
+    """bitsandbytes repacks 4-bit weights for inference on CPUs with AVX512-BF16 at the first no-grad eval forward;
+    training after that fails. Stage 03 evaluates at every checkpoint, so the trainable layout is kept."""
+    import bitsandbytes as bnb
+
+    from helpers.chat_template import user_message
+    from helpers.encoding import PadCollator, encode_conversation
+    from helpers.instruct import add_lora, load_4bit_llava
+    from transformers import AutoTokenizer
+
+    model = add_lora(load_4bit_llava(saved_llava), profile)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    tokenizer = AutoTokenizer.from_pretrained(saved_llava)
+    messages = [user_message("What shape?", with_image=True), {"role": "assistant", "content": "circle"}]
+    batch = PadCollator(tokenizer.pad_token_id)([encode_conversation(tokenizer, messages, profile.image_seq_length)])
+    pixels = torch.rand(1, 3, profile.vision.image_size, profile.vision.image_size)
+    model.eval()
+    with torch.no_grad():
+        model(**batch, pixel_values=pixels)  # a validation forward
+    model.train()
+    model(**batch, pixel_values=pixels).loss.backward()  # training goes on
