@@ -274,3 +274,13 @@ def synthetic_conversations(profile, lengths: list[int], answer_fraction: float,
         features = torch.randn(n_img, profile.vision.hidden_size, generator=g)
         examples.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "vision_features": features})
     return examples
+
+
+def start(args, parser):
+    """(deadline, device) from the common arguments, threads set; ``--size phi2`` needs a GPU."""
+    deadline = Deadline(args.time_limit)
+    device = pick_device(args.device)
+    setup_threads(device, args.threads)
+    if args.size == "phi2" and device.type == "cpu":
+        parser.error("--size phi2 needs a GPU")
+    return deadline, device

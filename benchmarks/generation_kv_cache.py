@@ -141,11 +141,7 @@ def main(argv=None):
     parser.add_argument("--fast-backend", default="inductor", help="torch.compile backend of the fast way "
                         "(inductor = mode reduce-overhead, CUDA graphs; cudagraphs = CUDA graphs without codegen)")
     args = parser.parse_args(argv)
-    deadline = C.Deadline(args.time_limit)
-    device = C.pick_device(args.device)
-    C.setup_threads(device, args.threads)
-    if args.size == "phi2" and device.type == "cpu":
-        parser.error("--size phi2 needs a GPU")
+    deadline, device = C.start(args, parser)
     args.repeats = args.repeats or (3 if device.type == "cuda" else 2)
     profile = C.profile_for(args.size)
     dtype = C.precision(device)

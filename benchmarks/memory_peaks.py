@@ -193,11 +193,7 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "mmphi_bench"),
                         help="where the random checkpoint is saved once and reused (shared with qlora_step.py)")
     args = parser.parse_args(argv)
-    deadline = C.Deadline(args.time_limit)
-    device = C.pick_device(args.device)
-    C.setup_threads(device, args.threads)
-    if args.size == "phi2" and device.type == "cpu":
-        parser.error("--size phi2 needs a GPU")
+    deadline, device = C.start(args, parser)
     profile = C.profile_for(args.size)
     dtype = C.precision(device)
     memory_gpu = C.gpu_memory(device) if device.type == "cuda" else "H200"
