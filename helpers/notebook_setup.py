@@ -156,9 +156,11 @@ def main(argv=None) -> int:
     extras = [e for e in args.extras.split(",") if e]
     tools = [t for t in args.tools.split(",") if t]
     done, missing = [], missing_packages(extras)
-    if missing == [DIST] and __package__:  # `-m helpers.notebook_setup`: importable from a path set up by hand
+    if missing == [DIST] and (__package__ or checkout_root() is not None):
+        # helpers is importable without being installed: `-m helpers.notebook_setup` from a path set up by hand, or
+        # a notebook inside a checkout (its cell puts the checkout on sys.path) whose dependencies are all there
         print(f"Course setup: helpers comes from {Path(__file__).resolve().parent} (not installed as {DIST}); "
-              "not installing Python packages.")
+              "its dependencies are all installed: nothing to install.")
         missing = []
     if missing:
         print(f"Course setup: missing {', '.join(missing)}; installing ...", flush=True)
