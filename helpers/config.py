@@ -23,15 +23,21 @@ OUTPUT_ENV = "MMPHI_OUTPUT_DIR"
 
 @dataclass(frozen=True)
 class WorldSpec:
-    """Size of the synthetic world (tiny profile only)."""
+    """The synthetic world (tiny profile only): which world and its size.
 
-    seed: int = 0
+    `world_seed` picks the world's colours, shapes and wording (``helpers.world.vocabulary``; world 0 is the
+    course's default) and seeds its scenes; the model's own seed is ``Profile.seed``."""
+
+    world_seed: int = 0
     image_size: int = 64
     n_train_images: int = 4000
     n_heldout_images: int = 300
     n_corpus_scenes: int = 6000
     turns_per_conversation: int = 3
     corpus_questions: int = 3  # questions per pretraining dialogue, after the description
+    # how often each base question type is drawn in the *training* data (corpus and training conversations):
+    # ((type, weight), ...); None = equally often. The held-out split always draws every type equally often.
+    train_type_weights: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,11 @@ class StageSpec:
     grad_accum: int = 1
     logging_steps: int = 10
     max_length: int = 512
+    # learning-rate schedule after the warmup: "cosine" (decays over the whole run) or "warmup_stable_decay"
+    # (constant, then a cosine decay over the last `decay_ratio` of the steps)
+    lr_scheduler_type: str = "cosine"
+    decay_ratio: float = 0.2
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (0.999 is the transformers default)
 
 
 @dataclass(frozen=True)

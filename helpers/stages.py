@@ -109,9 +109,10 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                "parameters": sum(p.numel() for p in model.parameters())}
     if profile.world is not None:  # tiny: can it answer from a text description (the skill 02 and 03 build on)?
         from .pretrain import text_answer_accuracy
-        from .world import described_questions
+        from .world import described_questions, vocabulary
 
-        probes = described_questions(TEXT_PROBE_SCENES, profile.world.seed * 1000 + 4)
+        probes = described_questions(TEXT_PROBE_SCENES, profile.world.world_seed * 1000 + 4,
+                                     vocabulary(profile.world.world_seed))
         qa = text_answer_accuracy(model, tok, probes)
         metrics.update(text_qa_accuracy=qa["accuracy"], text_qa_accuracy_by_type=qa["accuracy_by_type"],
                        n_text_qa=len(probes))
