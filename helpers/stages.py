@@ -105,7 +105,7 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                "uniform_loss": uniform_loss(model.config.vocab_size),
                "target_loss": initial - 1.0, "reached_target": final <= initial - 1.0,
                "steps": trainer.state.global_step, "n_documents": len(documents),
-               "n_heldout_blocks": len(heldout[0]), "block_size": profile.pretrain_block_size,
+               "n_heldout_blocks": len(heldout[0]), "block_size": int(heldout[0].shape[1]),
                "parameters": sum(p.numel() for p in model.parameters())}
     if profile.world is not None:  # tiny: can it answer from a text description (the skill 02 and 03 build on)?
         from .pretrain import text_answer_accuracy
