@@ -12,6 +12,7 @@ with a bounded number of CPU threads (``MMPHI_CPU_THREADS``), and the results la
 
     python benchmarks/seeds.py                                   # seeds 0-4 of world 0, seeds 0-1 of world 1
     python benchmarks/seeds.py --seeds 0 1 --world-seeds 0 2 --jobs 2 --threads 1
+    python benchmarks/seeds.py --keep-01 --output DIR           # rerun notebooks 02-03 on the runs' stage-01 LMs
     python benchmarks/seeds.py --table                           # the README table from the JSON file
     python benchmarks/seeds.py --update-readme                   # write that table into README.md
 
@@ -43,8 +44,11 @@ README_END = "<!-- end of seeds table -->"
 
 
 # --------------------------------------------------------------------------------------------- one run
-def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny") -> dict:
-    """Notebooks 01-03 for one (seed, world_seed), as the notebooks run them, from scratch in `output`."""
+def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny", keep_01: bool = False) -> dict:
+    """Notebooks 01-03 for one (seed, world_seed), as the notebooks run them, from scratch in `output`.
+
+    keep_01: reuse the stage-01 LM already in `output` (and its metrics and time, from the earlier result.json)
+    and run notebooks 02-03 again: for a change of the later stages' settings only."""
     import torch
 
     from helpers import stages
@@ -60,8 +64,13 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
     start = time.perf_counter()  # notebook 01: the world, the tokenizer, stage 01
     stages.ensure_world(profile, paths)
     stages.ensure_tokenizer(profile, paths)
-    m1 = stages.pretrain_stage(profile, paths, resume=False).metrics
-    seconds["01_pretrain_phi"] = time.perf_counter() - start
+    earlier = output / "result.json"
+    if keep_01 and earlier.exists() and (paths.base_lm / "config.json").exists():
+        m1 = json.loads((paths.metrics / "01_pretrain.json").read_text())
+        seconds["01_pretrain_phi"] = json.loads(earlier.read_text())["seconds_by_notebook"]["01_pretrain_phi"]
+    else:
+        m1 = stages.pretrain_stage(profile, paths, resume=False).metrics
+        seconds["01_pretrain_phi"] = time.perf_counter() - start
     start = time.perf_counter()  # notebook 02: the tiny CLIP, then the projector
     stages.vision_tower_stage(profile, paths, resume=False)
     m2 = stages.projection_stage(profile, paths, resume=False).metrics
@@ -192,7 +201,7 @@ def default_jobs(n_runs: int, threads: int) -> int:
     return max(1, min(n_runs, cores // max(1, threads)))
 
 
-def launch(runs, output: Path, jobs: int, threads: int, profile: str) -> list[dict]:
+def launch(runs, output: Path, jobs: int, threads: int, profile: str, keep_01: bool = False) -> list[dict]:
     """Each run in its own process (and output folder), at most `jobs` at a time."""
     env = dict(os.environ, MMPHI_CPU_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), MMPHI_PROFILE=profile, PYTHONUNBUFFERED="1")
@@ -203,9 +212,9 @@ def launch(runs, output: Path, jobs: int, threads: int, profile: str) -> list[di
             seed, world_seed = pending.pop(0)
             folder = output / f"world{world_seed}_seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            log = open(folder / "log.txt", "w")
+            log = open(folder / "log.txt", "a" if keep_01 else "w")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(seed), str(world_seed),
-                   "--output", str(folder), "--profile", profile]
+                   "--output", str(folder), "--profile", profile] + (["--keep-01"] if keep_01 else [])
             print(f"start seed {seed}, world {world_seed} -> {folder}", flush=True)
             active.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), folder, log,
                            seed, world_seed))
@@ -241,6 +250,10 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --json and stop")
     parser.add_argument("--update-readme", action="store_true", help="write the tables into README.md and stop")
+    parser.add_argument("--keep-01", action="store_true",
+                        help="reuse each run folder's stage-01 LM (same stage-01 settings) and rerun notebooks 02-03")
+    parser.add_argument("--collect", action="store_true",
+                        help="write --json from the result.json files already under --output (no training)")
     parser.add_argument("--worker", type=int, nargs=2, metavar=("SEED", "WORLD_SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -252,7 +265,7 @@ def main(argv=None) -> int:
         return 0
     if args.worker:
         seed, world_seed = args.worker
-        result = run_one(seed, world_seed, Path(args.output), args.profile)
+        result = run_one(seed, world_seed, Path(args.output), args.profile, keep_01=args.keep_01)
         (Path(args.output) / "result.json").write_text(json.dumps(result, indent=1))
         return 0
 
@@ -263,10 +276,21 @@ def main(argv=None) -> int:
     output = Path(args.output or Path(os.environ.get("MMPHI_OUTPUT_DIR") or ROOT / "outputs") / "seeds")
     jobs = args.jobs or default_jobs(len(runs), args.threads)
     info = machine_info(args.threads, jobs)
-    print(f"{len(runs)} runs, {jobs} at a time, {args.threads} thread(s) each, outputs under {output}", flush=True)
-    start = time.perf_counter()
-    results = launch(runs, output, jobs, args.threads, args.profile)
-    info["wall_seconds"] = round(time.perf_counter() - start, 1)
+    if args.collect:  # the runs' own result files (e.g. of an interrupted sweep): those of the asked runs only
+        found = {(r["seed"], r["world_seed"]): r for r in
+                 (json.loads(f.read_text()) for f in sorted(output.glob("world*_seed*/result.json")))}
+        results = [found[run] for run in runs if run in found]
+        info["collected_from"] = str(output)
+        info.pop("load_average_at_start", None)
+        info["threads_per_run"] = results[0]["threads"] if results else args.threads
+    else:
+        print(f"{len(runs)} runs, {jobs} at a time, {args.threads} thread(s) each, outputs under {output}",
+              flush=True)
+        start = time.perf_counter()
+        results = launch(runs, output, jobs, args.threads, args.profile, args.keep_01)
+        if args.keep_01:
+            info["stage_01_reused"] = True
+        info["wall_seconds"] = round(time.perf_counter() - start, 1)
     results.sort(key=lambda r: (r["world_seed"], r["seed"]))
     payload = {"machine": info, "bars": BARS, "runs": results,
                "all_runs_meet_bars": len(results) == len(runs) and all(meets_bars(r)["all"] for r in results)}
