@@ -29,11 +29,13 @@ def show_packing(tok, documents: list[str], block_size: int) -> dict:
 
     ids, mask = pack_documents(tok, documents, block_size)
     lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in documents]  # + EOS
+    width = ids.shape[1]  # block_size, or less when even the fullest block is shorter
     print(f"{len(documents)} documents of {lengths} tokens (each closed by EOS) -> {ids.shape[0]} block(s) of "
-          f"{block_size} tokens; real tokens per block {mask.sum(1).tolist()}, the rest is padding (mask 0)")
+          f"{width} tokens (at most {block_size}); real tokens per block {mask.sum(1).tolist()}, the rest is "
+          "padding (mask 0)")
     for b in range(ids.shape[0]):
         n = int(mask[b].sum())
-        print(f"block {b}: ids {ids[b, :8].tolist()} ... {ids[b, n - 3:n].tolist()} | padding {block_size - n} "
+        print(f"block {b}: ids {ids[b, :8].tolist()} ... {ids[b, n - 3:n].tolist()} | padding {width - n} "
               f"x id {tok.pad_token_id} (= EOS: found by the mask, never by id)")
     return {"blocks": ids.shape[0], "real_tokens": mask.sum(1).tolist(), "lengths": lengths}
 

@@ -35,7 +35,8 @@ def pack_documents(tok, documents: list[str], block_size: int) -> tuple[torch.Te
 
     A document is never cut across two blocks unless it is longer than a block by itself, so questions always
     see the description they refer to. The tail of a block is padding: its attention mask is 0 and the loss
-    ignores it. Returns (ids, attention mask), both ``[n_blocks, block_size]``.
+    ignores it. Returns (ids, attention mask), both ``[n_blocks, width]``: `width` is ``block_size`` unless even
+    the fullest block is shorter.
 
     The block size decides how many documents share a row. The tiny profile gives every dialogue a row of its
     own: with four unrelated dialogues per 256-token row, the LM had to learn to find *its own* description among
@@ -59,8 +60,11 @@ def pack_documents(tok, documents: list[str], block_size: int) -> tuple[torch.Te
         blocks.append(current)
     if not blocks:
         raise ValueError("no text to pretrain on")
-    ids = torch.full((len(blocks), block_size), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(blocks), block_size), dtype=torch.long)
+    # columns that are padding in every row are dropped (one dialogue per row: rows as long as the longest one),
+    # which changes no real token's loss (causal attention, padding on the right) and saves their compute
+    width = max(len(b) for b in blocks)
+    ids = torch.full((len(blocks), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(blocks), width), dtype=torch.long)
     for i, b in enumerate(blocks):
         ids[i, : len(b)] = torch.tensor(b)
         mask[i, : len(b)] = 1
@@ -185,15 +189,17 @@ def sample_prompts(profile, n_scenes: int = 2) -> list[str]:
     import random
 
     from .chat_template import render, user_message
-    from .world import CAPTION_REQUEST, QUESTION_TYPES, ask, caption, sample_scene
+    from .world import CAPTION_REQUEST, QUESTION_TYPES, ask, caption, sample_scene, vocabulary
 
+    vocab = vocabulary(profile.world.world_seed)  # the objects and wording of the profile's world
     rng = random.Random(12345)
     prompts = [render([user_message(CAPTION_REQUEST, with_image=False)], add_generation_prompt=True)]
     for _ in range(n_scenes):
-        scene = sample_scene(rng)
-        context = [user_message(CAPTION_REQUEST, with_image=False), {"role": "assistant", "content": caption(scene)}]
+        scene = sample_scene(rng, vocab)
+        context = [user_message(CAPTION_REQUEST, with_image=False),
+                   {"role": "assistant", "content": caption(scene, vocab)}]
         for qtype in rng.sample([t for t in QUESTION_TYPES if t != "follow-up"], 2):
-            asked = ask(scene, qtype, rng)
+            asked = ask(scene, qtype, rng, vocab=vocab)
             if asked:
                 prompts.append(render(context + [user_message(asked[0], with_image=False)],
                                       add_generation_prompt=True))

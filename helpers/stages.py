@@ -158,13 +158,14 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                "uniform_loss": uniform_loss(model.config.vocab_size),
                "target_loss": initial - 1.0, "reached_target": final <= initial - 1.0,
                "steps": trainer.state.global_step, "n_documents": len(documents),
-               "n_heldout_blocks": len(heldout[0]), "block_size": profile.pretrain_block_size,
+               "n_heldout_blocks": len(heldout[0]), "block_size": int(heldout[0].shape[1]),
                "parameters": sum(p.numel() for p in model.parameters()), **run_figures(trainer)}
     if profile.world is not None:  # tiny: can it answer from a text description (the skill 02 and 03 build on)?
         from .pretrain import text_answer_accuracy
-        from .world import described_questions
+        from .world import described_questions, vocabulary
 
-        probes = described_questions(TEXT_PROBE_SCENES, profile.world.seed * 1000 + 4)
+        probes = described_questions(TEXT_PROBE_SCENES, profile.world.world_seed * 1000 + 4,
+                                     vocabulary(profile.world.world_seed))
         qa = text_answer_accuracy(model, tok, probes)
         metrics.update(text_qa_accuracy=qa["accuracy"], text_qa_accuracy_by_type=qa["accuracy_by_type"],
                        n_text_qa=len(probes))

@@ -1,8 +1,9 @@
 """Shared training machinery: transformers' Trainer, configured once for every stage.
 
-Trainer gives us, for free and battle-tested: cosine schedule with warmup, gradient accumulation, bf16 on GPUs
-that support it (fp32 on CPU; never fp16, which overflows in Phi attention), progress bars in notebooks, logging,
-safetensors checkpoints, resume with optimizer/scheduler/RNG/data position, and DDP/FSDP via accelerate.
+Trainer gives us, for free and battle-tested: learning-rate schedules with warmup (cosine or warmup-stable-decay),
+gradient accumulation, bf16 on GPUs that support it (fp32 on CPU; never fp16, which overflows in Phi attention),
+progress bars in notebooks, logging, safetensors checkpoints, resume with optimizer/scheduler/RNG/data position,
+and DDP/FSDP via accelerate.
 
 Checkpoints are made crash-safe by ``helpers.checkpointing``: written atomically, validated before resuming, and
 resumed automatically by :func:`train` (every stage's entry point into Trainer).
@@ -73,8 +74,9 @@ def training_arguments(spec, out_dir: str | Path, seed: int, n_examples: int | N
         learning_rate=spec.learning_rate,
         weight_decay=spec.weight_decay,
         max_steps=max_steps,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=spec.lr_scheduler_type,
         warmup_steps=max(1, round(spec.warmup_ratio * max_steps)),
+        adam_beta2=spec.adam_beta2,
         logging_steps=spec.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if save_steps else "no",
@@ -91,6 +93,9 @@ def training_arguments(spec, out_dir: str | Path, seed: int, n_examples: int | N
     )
     if length_balanced and spec.grad_accum * _world_size() > 1:
         kwargs.update(balanced_sampling_arguments())
+    if spec.lr_scheduler_type == "warmup_stable_decay":  # constant after the warmup, then the final decay
+        kwargs["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, round(spec.decay_ratio * max_steps)),
+                                         "decay_type": "cosine"}
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -109,12 +114,25 @@ def balanced_sampling_arguments() -> dict:
     if "group_by_length" in fields:  # older releases: LengthGroupedSampler
         return {"group_by_length": True}
     return {}
+THREADS_ENV = "MMPHI_CPU_THREADS"
+
+
+def cpu_threads() -> int:
+    """Threads for intra-op parallelism on a CPU: ``$MMPHI_CPU_THREADS`` when set (e.g. 1 for each of several runs
+    sharing a machine, as ``benchmarks/seeds.py`` does), else every core the machine grants (2 in CI)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        threads = int(value)
+        if threads < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive number of threads, not {value!r}")
+        return threads
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def set_cpu_threads() -> None:
-    """Use every core the machine grants (2 in CI) for intra-op parallelism."""
+    """Use `cpu_threads()` threads for intra-op parallelism (CPU only)."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(cpu_threads())
 
 
 def _llava_of(model):

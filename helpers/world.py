@@ -19,14 +19,16 @@ All of it is deterministic from a seed; the held-out split uses a disjoint seed 
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {
+COLOURS = {  # world 0's objects (the default world)
     "red": (215, 40, 40),
     "green": (40, 170, 60),
     "blue": (45, 85, 215),
@@ -37,6 +39,95 @@ CELLS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four"}
 QUESTION_TYPES = ("colour", "shape", "position", "count", "yes/no", "follow-up")
 CAPTION_REQUEST = "Describe the image briefly."
+
+# The pools another world draws its objects from (world 0 keeps COLOURS/SHAPES above). Colours are far apart in
+# RGB (the renderer jitters each channel by +-15) and every name is a common word that Whisper hears right.
+COLOUR_POOL = {
+    **COLOURS,
+    "orange": (250, 140, 0),
+    "purple": (125, 45, 170),
+    "pink": (240, 120, 190),
+    "brown": (125, 75, 30),
+    "black": (35, 35, 35),
+}
+SHAPE_POOL = ("circle", "square", "triangle", "diamond", "star", "cross")
+PLURALS = {"cross": "crosses"}
+
+# The wording: one template per slot and world. Variant 0 of every slot is world 0's wording; another world draws
+# one variant per slot. Every variant keeps the answer a word (or two) of the world's vocabulary, scored exactly,
+# and is a plain English sentence (notebook 04 speaks the questions with espeak-ng and Whisper transcribes them).
+TEMPLATES = {
+    "caption_one": ("{number} {colour} {shape} at {cells}.", "{number} {colour} {shape} in {cells}.",
+                    "a picture of {number} {colour} {shape}, at {cells}."),
+    "caption_many": ("{number} {colour} {shapes}, at {cells}.", "{number} {colour} {shapes}, in {cells}.",
+                     "a picture of {number} {colour} {shapes}, at {cells}."),
+    "colour_one": ("What colour is the {shape}?", "Which colour is the {shape}?",
+                   "What is the colour of the {shape}?"),
+    "colour_many": ("What colour are the {shapes}?", "Which colour are the {shapes}?",
+                    "What is the colour of the {shapes}?"),
+    "shape_one": ("What shape is the {colour} object?", "Which shape is the {colour} object?",
+                  "What is the shape of the {colour} object?"),
+    "shape_many": ("What shape are the {colour} objects?", "Which shape are the {colour} objects?",
+                   "What is the shape of the {colour} objects?"),
+    "where": ("Where is the {colour} {shape}?", "In which cell is the {colour} {shape}?",
+              "Where can you see the {colour} {shape}?"),
+    "empty": ("Which cell is empty?", "Where is the empty cell?", "Which cell has nothing in it?"),
+    "count_all": ("How many objects are there?", "How many things are there?", "How many objects can you see?"),
+    "count_shape": ("How many {shapes} are there?", "How many {shapes} can you see?", "How many {shapes} are shown?"),
+    "yn_colour": ("Is the colour {colour}?", "Is anything {colour}?", "Do you see the colour {colour}?"),
+    "yn_shape": ("Are there {shapes}?", "Are there any {shapes}?", "Do you see any {shapes}?"),
+    "follow_count": ("And how many are there?", "And how many of them are there?", "And how many can you see?"),
+    "follow_colour_one": ("And what colour is it?", "And which colour is it?", "And what is its colour?"),
+    "follow_colour_many": ("And what colour are they?", "And which colour are they?", "And what is their colour?"),
+}
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What one world is made of: its colours (name -> RGB), shapes and the wording of its sentences."""
+
+    world_seed: int
+    colours: tuple[tuple[str, tuple[int, int, int]], ...]
+    shapes: tuple[str, ...]
+    templates: tuple[tuple[str, str], ...]  # (slot, template)
+
+    @property
+    def colour_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.colours)
+
+    def rgb(self, colour: str) -> tuple[int, int, int]:
+        return dict(self.colours)[colour]
+
+    def template(self, slot: str) -> str:
+        return dict(self.templates)[slot]
+
+    def say(self, slot: str, **words) -> str:
+        return self.template(slot).format(**words)
+
+
+def plural(shape: str) -> str:
+    return PLURALS.get(shape, shape + "s")
+
+
+@functools.lru_cache(maxsize=None)
+def vocabulary(world_seed: int = 0) -> Vocabulary:
+    """The objects and wording of world `world_seed`. World 0 is the course's default world (COLOURS, SHAPES and
+    the first template of each slot); any other seed draws 4 colours, 3 shapes and one template per slot from the
+    pools, never all of them equal to world 0's."""
+    if world_seed == 0:
+        return Vocabulary(0, tuple(COLOURS.items()), SHAPES,
+                          tuple((slot, variants[0]) for slot, variants in TEMPLATES.items()))
+    rng = random.Random(f"mmphi world {world_seed}")
+    while True:
+        colours = rng.sample(sorted(COLOUR_POOL), len(COLOURS))
+        shapes = rng.sample(SHAPE_POOL, len(SHAPES))
+        if set(colours) != set(COLOURS) and set(shapes) != set(SHAPES):
+            break
+    templates = tuple((slot, rng.choice(variants)) for slot, variants in TEMPLATES.items())
+    return Vocabulary(world_seed, tuple((c, COLOUR_POOL[c]) for c in colours), tuple(shapes), templates)
+
+
+DEFAULT_VOCABULARY = vocabulary(0)
 
 
 @dataclass(frozen=True)
@@ -73,14 +164,44 @@ class Scene:
         return Scene(tuple(Thing(**t) for t in data["things"]))
 
 
-def sample_scene(rng: random.Random) -> Scene:
+def sample_scene(rng: random.Random, vocab: Vocabulary = DEFAULT_VOCABULARY) -> Scene:
     n = rng.randint(1, 3)
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    colour, shape = rng.choice(list(vocab.colour_names)), rng.choice(vocab.shapes)
     return Scene(tuple(Thing(colour, shape, cell) for cell in rng.sample(CELLS, n)))
 
 
 # ------------------------------------------------------------------------------------------------ images
-def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
+def _star(cx: float, cy: float, r: float, points: int = 5) -> list[tuple[float, float]]:
+    out = []
+    for k in range(2 * points):
+        radius = r if k % 2 == 0 else 0.45 * r
+        angle = math.pi * k / points - math.pi / 2
+        out.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return out
+
+
+def _draw_shape(draw, shape: str, box: tuple[float, float, float, float], colour) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x0, y1), (x1, y1)], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
+    elif shape == "star":
+        draw.polygon(_star(cx, cy, r), fill=colour)
+    elif shape == "cross":
+        w = 0.36 * r
+        draw.rectangle((cx - w, y0, cx + w, y1), fill=colour)
+        draw.rectangle((x0, cy - w, x1, cy + w), fill=colour)
+    else:
+        raise ValueError(f"cannot draw a {shape!r}")
+
+
+def render(scene: Scene, size: int, rng: random.Random, vocab: Vocabulary = DEFAULT_VOCABULARY) -> Image.Image:
     """Draw the scene: light noisy background, one shape per occupied cell with jittered size and place."""
     bg = tuple(rng.randint(225, 250) for _ in range(3))
     image = Image.new("RGB", (size, size), bg)
@@ -92,13 +213,8 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
         cx = col * half + half / 2 + rng.uniform(-1, 1) * (half - extent) / 2
         cy = row * half + half / 2 + rng.uniform(-1, 1) * (half - extent) / 2
         box = (cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2)
-        colour = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[thing.colour])
-        if thing.shape == "circle":
-            draw.ellipse(box, fill=colour)
-        elif thing.shape == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=colour)
+        colour = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in vocab.rgb(thing.colour))
+        _draw_shape(draw, thing.shape, box, colour)
     return image
 
 
@@ -107,61 +223,70 @@ def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, vocab: Vocabulary = DEFAULT_VOCABULARY) -> str:
     n = len(scene.things)
-    cells = ["the " + t.cell for t in scene.by_cell()]
-    if n == 1:
-        return f"one {scene.colour} {scene.shape} at {cells[0]}."
-    return f"{NUMBER_WORDS[n]} {scene.colour} {scene.shape}s, at {_listing(cells)}."
+    cells = _listing(["the " + t.cell for t in scene.by_cell()])
+    return vocab.say("caption_one" if n == 1 else "caption_many", number=NUMBER_WORDS[n], colour=scene.colour,
+                     shape=scene.shape, shapes=plural(scene.shape), cells=cells)
 
 
-def ask(scene: Scene, qtype: str, rng: random.Random, previous: str | None = None):
+def ask(scene: Scene, qtype: str, rng: random.Random, previous: str | None = None,
+        vocab: Vocabulary = DEFAULT_VOCABULARY):
     """One (question, answer) of the given type, or None when the scene cannot support it.
 
     `previous` is the type of the previous turn; a follow-up refers to its objects ("it"/"they").
     """
     n, c, s = len(scene.things), scene.colour, scene.shape
     one = n == 1
+    words = dict(colour=c, shape=s, shapes=plural(s))
     if qtype == "colour":
-        return (f"What colour is the {s}?" if one else f"What colour are the {s}s?"), c
+        return vocab.say("colour_one" if one else "colour_many", **words), c
     if qtype == "shape":
-        return (f"What shape is the {c} object?" if one else f"What shape are the {c} objects?"), s
+        return vocab.say("shape_one" if one else "shape_many", **words), s
     if qtype == "position":
         if one:
-            return f"Where is the {c} {s}?", scene.things[0].cell
+            return vocab.say("where", **words), scene.things[0].cell
         if n == 3:
             empty = next(cell for cell in CELLS if cell not in {t.cell for t in scene.things})
-            return "Which cell is empty?", empty
+            return vocab.say("empty"), empty
         return None
     if qtype == "count":
         if rng.random() < 0.5:
-            return "How many objects are there?", NUMBER_WORDS[n]
-        other = rng.choice(SHAPES)
-        return f"How many {other}s are there?", NUMBER_WORDS[n if other == s else 0]
+            return vocab.say("count_all"), NUMBER_WORDS[n]
+        other = rng.choice(vocab.shapes)
+        return vocab.say("count_shape", shapes=plural(other)), NUMBER_WORDS[n if other == s else 0]
     if qtype == "yes/no":  # one attribute compared with the picture (worded so that Whisper hears it right)
         if rng.random() < 0.5:
-            asked = c if rng.random() < 0.5 else rng.choice([x for x in COLOURS if x != c])
-            return f"Is the colour {asked}?", "yes" if asked == c else "no"
-        asked = s if rng.random() < 0.5 else rng.choice([x for x in SHAPES if x != s])
-        return f"Are there {asked}s?", "yes" if asked == s else "no"
+            asked = c if rng.random() < 0.5 else rng.choice([x for x in vocab.colour_names if x != c])
+            return vocab.say("yn_colour", colour=asked), "yes" if asked == c else "no"
+        asked = s if rng.random() < 0.5 else rng.choice([x for x in vocab.shapes if x != s])
+        return vocab.say("yn_shape", shapes=plural(asked)), "yes" if asked == s else "no"
     if qtype == "follow-up":
         if previous is None or previous == "follow-up":
             return None
         if previous == "colour":
-            return "And how many are there?", NUMBER_WORDS[n]
-        return ("And what colour is it?" if one else "And what colour are they?"), c
+            return vocab.say("follow_count"), NUMBER_WORDS[n]
+        return vocab.say("follow_colour_one" if one else "follow_colour_many"), c
     raise ValueError(f"unknown question type {qtype!r}")
 
 
-def conversation(scene: Scene, rng: random.Random, turns: int, types=QUESTION_TYPES) -> list[dict]:
-    """A multi-turn conversation: a list of {question, answer, type}. Follow-ups refer to the previous turn."""
+def conversation(scene: Scene, rng: random.Random, turns: int, types=QUESTION_TYPES,
+                 vocab: Vocabulary = DEFAULT_VOCABULARY, weights: dict | None = None) -> list[dict]:
+    """A multi-turn conversation: a list of {question, answer, type}. Follow-ups refer to the previous turn.
+
+    `weights` (question type -> relative weight; default: all equal) sets how often each base type is drawn."""
     out: list[dict] = []
     base_types = [t for t in types if t != "follow-up"]
     while len(out) < turns:
         previous = out[-1]["type"] if out and out[-1]["answer"] not in ("no", "zero") else None
         follow = previous and "follow-up" in types and rng.random() < 0.3
-        qtype = "follow-up" if follow else rng.choice(base_types)
-        asked = ask(scene, qtype, rng, previous)
+        if follow:
+            qtype = "follow-up"
+        elif weights:
+            qtype = rng.choices(base_types, weights=[weights.get(t, 1.0) for t in base_types])[0]
+        else:
+            qtype = rng.choice(base_types)
+        asked = ask(scene, qtype, rng, previous, vocab)
         if asked is None or any(q["question"] == asked[0] for q in out):
             continue
         out.append({"question": asked[0], "answer": asked[1], "type": qtype})
@@ -178,29 +303,32 @@ def to_llava_conversations(turns: list[dict]) -> list[dict]:
     return messages
 
 
-def corpus_document(scene: Scene, rng: random.Random, turns: int, eos: str) -> str:
+def corpus_document(scene: Scene, rng: random.Random, turns: int, eos: str,
+                    vocab: Vocabulary = DEFAULT_VOCABULARY, weights: dict | None = None) -> str:
     """Clean pretraining text: a dialogue in the chat layout that first describes a scene in words, then answers
     questions about it. The LM learns the language of the world and to answer from a description; the later
     stages only have to put the description into image tokens."""
     from .chat_template import render_text_dialogue
 
-    dialogue = [{"question": CAPTION_REQUEST, "answer": caption(scene)}] + conversation(scene, rng, turns)
+    dialogue = [{"question": CAPTION_REQUEST, "answer": caption(scene, vocab)}] + \
+        conversation(scene, rng, turns, vocab=vocab, weights=weights)
     return render_text_dialogue(dialogue, eos)
 
 
-def described_questions(n_scenes: int, seed: int) -> list[dict]:
+def described_questions(n_scenes: int, seed: int, vocab: Vocabulary = DEFAULT_VOCABULARY) -> list[dict]:
     """Text-only probes of the pretrained LM: a fresh scene's caption as the first answer, then one question of
     each type. Returns [{"messages", "answer", "type"}]; `messages` end with the user's question. The seed stream
-    (``spec.seed * 1000 + 4`` in the course) is disjoint from every split that is trained on."""
+    (``spec.world_seed * 1000 + 4`` in the course) is disjoint from every split that is trained on."""
     from .chat_template import user_message
 
     rng = random.Random(seed)
     probes = []
     for _ in range(n_scenes):
-        scene = sample_scene(rng)
-        context = [user_message(CAPTION_REQUEST, with_image=False), {"role": "assistant", "content": caption(scene)}]
+        scene = sample_scene(rng, vocab)
+        context = [user_message(CAPTION_REQUEST, with_image=False),
+                   {"role": "assistant", "content": caption(scene, vocab)}]
         for qtype in QUESTION_TYPES:
-            asked = None if qtype == "follow-up" else ask(scene, qtype, rng)
+            asked = None if qtype == "follow-up" else ask(scene, qtype, rng, vocab=vocab)
             if asked is not None:
                 probes.append({"messages": context + [user_message(asked[0], with_image=False)],
                                "answer": asked[1], "type": qtype})
@@ -257,7 +385,7 @@ def spec_stamp(spec) -> str:
 
 
 def _write_split(files: WorldFiles, split: str, n: int, seed: int, image_size: int, turns: int,
-                 progress: bool) -> None:
+                 progress: bool, vocab: Vocabulary = DEFAULT_VOCABULARY, weights: dict | None = None) -> None:
     from tqdm.auto import tqdm
 
     rng = random.Random(seed)
@@ -269,11 +397,11 @@ def _write_split(files: WorldFiles, split: str, n: int, seed: int, image_size: i
     for k in tqdm(range(n), desc=f"world {split}", disable=not progress):
         image_id = offset + k
         file_name = f"{image_id:012d}.jpg"
-        scene = sample_scene(rng)
-        render(scene, image_size, rng).save(folder / file_name, quality=95)
+        scene = sample_scene(rng, vocab)
+        render(scene, image_size, rng, vocab).save(folder / file_name, quality=95)
         images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
-        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption(scene)})
-        turns_ = conversation(scene, rng, turns)
+        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption(scene, vocab)})
+        turns_ = conversation(scene, rng, turns, vocab=vocab, weights=weights)
         records.append({"id": f"{image_id:012d}", "image": file_name,
                         "conversations": to_llava_conversations(turns_),
                         "question_types": [t["type"] for t in turns_]})
@@ -287,18 +415,24 @@ def _write_split(files: WorldFiles, split: str, n: int, seed: int, image_size: i
 
 def build_world(root: str | Path, spec, eos: str = "<|endoftext|>", progress: bool = True,
                 force: bool = False) -> WorldFiles:
-    """Generate (or reuse) the synthetic world under `root`. Returns the file locations."""
+    """Generate (or reuse) the synthetic world `spec.world_seed` under `root`. Returns the file locations.
+
+    The world seed picks the world's objects and wording (``vocabulary``) and seeds three disjoint streams of
+    scenes: training images (``world_seed * 1000 + 1``), held-out images (``+ 2``) and the text corpus (``+ 3``);
+    notebook 01's text probe uses ``+ 4``."""
     files = WorldFiles(Path(root))
     if files.complete(spec) and not force:
         return files
     files.remove()  # a world of other settings (or a half-written one) is replaced, never mixed with the new one
     files.root.mkdir(parents=True, exist_ok=True)
-    _write_split(files, "train", spec.n_train_images, spec.seed * 1000 + 1, spec.image_size,
-                 spec.turns_per_conversation, progress)
-    _write_split(files, "val", spec.n_heldout_images, spec.seed * 1000 + 2, spec.image_size,
-                 spec.turns_per_conversation, progress)
-    rng = random.Random(spec.seed * 1000 + 3)
-    docs = [corpus_document(sample_scene(rng), rng, spec.corpus_questions, eos)
+    vocab = vocabulary(spec.world_seed)
+    weights = dict(spec.train_type_weights) if spec.train_type_weights else None  # training data only
+    _write_split(files, "train", spec.n_train_images, spec.world_seed * 1000 + 1, spec.image_size,
+                 spec.turns_per_conversation, progress, vocab, weights)
+    _write_split(files, "val", spec.n_heldout_images, spec.world_seed * 1000 + 2, spec.image_size,
+                 spec.turns_per_conversation, progress, vocab)  # held out: every type equally likely, always
+    rng = random.Random(spec.world_seed * 1000 + 3)
+    docs = [corpus_document(sample_scene(rng, vocab), rng, spec.corpus_questions, eos, vocab, weights)
             for _ in range(spec.n_corpus_scenes)]
     files.corpus.write_text("\n".join(docs) + "\n")
     files.stamp.write_text(spec_stamp(spec))

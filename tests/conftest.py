@@ -10,7 +10,7 @@ from helpers.config import TINY, WorldSpec
 from helpers.tokenizer import train_bpe_tokenizer
 from helpers.world import build_world
 
-SMALL_WORLD = WorldSpec(seed=7, n_train_images=48, n_heldout_images=12, n_corpus_scenes=400)
+SMALL_WORLD = WorldSpec(world_seed=7, n_train_images=48, n_heldout_images=12, n_corpus_scenes=400)
 
 
 @pytest.fixture(scope="session")

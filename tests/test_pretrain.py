@@ -12,7 +12,7 @@ def test_documents_are_packed_whole_and_padding_is_masked(tok):
     lengths[1] += 1  # the second document gets its missing EOS
     block = lengths[0] + lengths[1] + 2  # room for the first two documents, not the third
     ids, mask = pack_documents(tok, docs, block)
-    assert ids.shape == (2, block)
+    assert ids.shape == (2, lengths[0] + lengths[1])  # the 2 columns of padding in every row are dropped
     assert mask[0].sum() == lengths[0] + lengths[1] and mask[1].sum() == lengths[2]
     eos = tok.eos_token_id
     assert ids[0, lengths[0] - 1] == eos and ids[0, lengths[0] + lengths[1] - 1] == eos
@@ -21,6 +21,20 @@ def test_documents_are_packed_whole_and_padding_is_masked(tok):
     assert (example["labels"][mask[0] == 0] == -100).all()
     assert example["labels"][lengths[0] - 1] == eos
     assert (ids[0][mask[0] == 0] == tok.pad_token_id).all()
+
+
+def test_dropping_all_padding_columns_changes_no_loss(tok, profile):
+    from helpers.modeling import new_phi_lm
+    from helpers.pretrain import mean_loss
+
+    docs = ["USER: Where is it? ASSISTANT: top left<|endoftext|>", "USER: How many objects are there? ASSISTANT: two"]
+    trimmed = pack_documents(tok, docs, 64)
+    width = trimmed[0].shape[1]
+    assert width < 64
+    padded = tuple(torch.nn.functional.pad(t, (0, 64 - width), value=v)
+                   for t, v in zip(trimmed, (tok.pad_token_id, 0)))
+    lm = new_phi_lm(profile.pretrain_phi, tok, seed=0)
+    assert mean_loss(lm, trimmed) == pytest.approx(mean_loss(lm, padded), abs=1e-5)
 
 
 def test_overlong_document_is_split_rather_than_dropped(tok):

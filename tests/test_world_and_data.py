@@ -1,4 +1,5 @@
 """The synthetic world is deterministic, consistent with its scenes, and read by the real-format loaders."""
+import dataclasses
 import json
 import random
 
@@ -156,3 +157,84 @@ def test_a_base_lm_trained_with_another_tokenizer_is_retrained(tmp_path, profile
     train_bpe_tokenizer(["a b c d e f g"] * 50, vocab_size=300, out_dir=paths.base_lm)
     stages.ensure_base_lm(profile, paths)
     assert calls == ["01"]  # its vocabulary no longer matches: stage 01 runs again
+
+
+# ----------------------------------------------------------------------------------------- world seeds
+def _vocabulary_words(world_seed):
+    from helpers.world import vocabulary
+
+    v = vocabulary(world_seed)
+    return set(v.colour_names), set(v.shapes), dict(v.templates)
+
+
+def test_world_zero_is_the_default_vocabulary():
+    from helpers.world import COLOURS, SHAPES, TEMPLATES, vocabulary
+
+    v = vocabulary(0)
+    assert v.colour_names == tuple(COLOURS) and v.shapes == SHAPES
+    assert dict(v.templates) == {slot: variants[0] for slot, variants in TEMPLATES.items()}
+
+
+def test_other_worlds_differ_in_objects_and_wording():
+    colours0, shapes0, templates0 = _vocabulary_words(0)
+    for world_seed in (1, 2, 3):
+        colours, shapes, templates = _vocabulary_words(world_seed)
+        assert len(colours) == len(colours0) and len(shapes) == len(shapes0)
+        assert colours != colours0 and shapes != shapes0
+        assert templates != templates0
+    assert _vocabulary_words(1) != _vocabulary_words(2)
+
+
+def test_a_world_seed_is_deterministic_and_changes_the_files(tmp_path, profile):
+    spec1 = dataclasses.replace(profile.world, world_seed=1)
+    a = build_world(tmp_path / "a", spec1, progress=False)
+    b = build_world(tmp_path / "b", spec1, progress=False)
+    assert a.corpus.read_text() == b.corpus.read_text()
+    assert a.instruct("val").read_text() == b.instruct("val").read_text()
+    other = build_world(tmp_path / "c", dataclasses.replace(profile.world, world_seed=2), progress=False)
+    assert other.corpus.read_text() != a.corpus.read_text()
+    colours, shapes, _ = _vocabulary_words(1)
+    text = a.corpus.read_text()
+    assert all(c in text for c in colours) and all(s in text for s in shapes)
+    unused = (set(_vocabulary_words(0)[0]) | set(_vocabulary_words(0)[1])) - colours - shapes
+    assert not any(f" {w} " in text or f" {w}." in text for w in unused)
+
+
+def test_answers_agree_with_the_scene_in_every_world():
+    from helpers.world import NUMBER_WORDS, plural, vocabulary
+
+    for world_seed in (0, 1, 2, 5):
+        vocab = vocabulary(world_seed)
+        rng = random.Random(world_seed)
+        for _ in range(300):
+            scene = sample_scene(rng, vocab)
+            n, c, s = len(scene.things), scene.colour, scene.shape
+            assert c in vocab.colour_names and s in vocab.shapes
+            for turn in conversation(scene, rng, 3, vocab=vocab):
+                q, a, t = turn["question"], turn["answer"], turn["type"]
+                if t in ("colour",):
+                    assert a == c
+                elif t == "shape":
+                    assert a == s
+                elif t == "position":
+                    assert a in CELLS and (n == 1 and a == scene.things[0].cell or
+                                           n == 3 and a not in {x.cell for x in scene.things})
+                elif t == "count":
+                    asked = [x for x in vocab.shapes if plural(x) in q.split(" ")]
+                    assert a == (NUMBER_WORDS[n] if not asked or asked == [s] else "zero")
+                elif t == "yes/no":
+                    words = q.rstrip("?").split()
+                    assert (a == "yes") == (c in words or plural(s) in words)
+            text = caption(scene, vocab)
+            assert NUMBER_WORDS[n] in text.split() and c in text and text.count("the ") == n
+
+
+@pytest.mark.parametrize("world_seed", [0, 1])
+def test_heldout_scenes_come_from_their_own_stream(tmp_path, profile, world_seed):
+    spec = dataclasses.replace(profile.world, world_seed=world_seed)
+    files = build_world(tmp_path / "w", spec, progress=False)
+    train = json.loads(files.instruct("train").read_text())
+    val = json.loads(files.instruct("val").read_text())
+    assert {r["image"] for r in train}.isdisjoint({r["image"] for r in val})
+    train_images = {p.read_bytes() for p in files.images("train").iterdir()}
+    assert not any(p.read_bytes() in train_images for p in files.images("val").iterdir())
