@@ -22,9 +22,11 @@ def test_instruct_stage_under_accelerate_launch_with_two_cpu_processes(world, sa
     from helpers.config import TINY, Paths
 
     paths = Paths(TINY, tmp_path)
-    # the earlier stages' outputs, as a single-process run would leave them: the (small) world and a stage-02
-    # LLaVA checkpoint with its processor; stage 03 only reads the projection checkpoint, the base LM and vision
-    # tower folders just have to exist for the launcher's prerequisite check
+    # the earlier stages' outputs, as a single-process run would leave them: a stage-02 LLaVA checkpoint with its
+    # processor; stage 03 only reads the projection checkpoint, the base LM and vision tower folders just have to
+    # exist for the launcher's prerequisite check. The world copied here was built with other settings than the
+    # launched profile's (a small world, no type weights): the main process must rebuild it while the other rank
+    # waits (two ranks rebuilding one folder at once delete each other's images)
     shutil.copytree(world.root, paths.world)
     shutil.copytree(saved_llava, paths.projection)
     for folder in (paths.base_lm, paths.clip):
@@ -35,7 +37,8 @@ def test_instruct_stage_under_accelerate_launch_with_two_cpu_processes(world, sa
     cmd = [str(accelerate), "launch", "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2",
            "scripts/train_stage.py", "instruct", "--profile", "tiny", "--output", str(tmp_path),
            "--max-steps", str(STEPS), "--logging-steps", "1", "--batch-size", "4"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+    small = "world.n_train_images=48,world.n_heldout_images=12,world.n_corpus_scenes=400,world.world_seed=7"
+    env = dict(os.environ, MMPHI_SETTINGS=small, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     env.pop("MMPHI_OUTPUT_DIR", None)
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
