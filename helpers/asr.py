@@ -227,17 +227,18 @@ def synthesize(text: str, path, voice: str = ESPEAK_VOICE, speed: int = ESPEAK_S
 
 
 # ------------------------------------------------------------------------------------------- recognisers
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 @lru_cache(maxsize=None)
 def _verified(path: str, size: int, mtime: float) -> str:  # keyed by size/mtime: hash each file once
-    return _sha256(Path(path))
+    return sha256_file(Path(path))
 
 
 def bundled_whisper_dir() -> Path:

@@ -693,13 +693,17 @@ ACTIVATION_MARGIN = 0.05  # tensors the saved-tensor count does not see: 3.5 % m
 MEASURED_EXTRA_GIB = {"projection": 1.45, "instruct": 0.25}
 
 
-def _gpu(gpu) -> GPU:
-    if isinstance(gpu, GPU):
-        return gpu
-    key = {k.lower(): k for k in GPUS}.get(str(gpu).lower().replace(" ", "-"))
+def gpu_by_name(table: dict, gpu, problem: str = "unknown GPU"):
+    """`table[gpu]` with the name matched loosely ("a100 80gb" finds "A100-80GB"), or a ValueError listing the
+    names there are."""
+    key = {k.lower(): k for k in table}.get(str(gpu).lower().replace(" ", "-"))
     if key is None:
-        raise ValueError(f"unknown GPU {gpu!r}: choose one of {sorted(GPUS)} or pass a GPU(...)")
-    return GPUS[key]
+        raise ValueError(f"{problem} {gpu!r}: choose one of {sorted(table)}")
+    return table[key]
+
+
+def _gpu(gpu) -> GPU:
+    return gpu if isinstance(gpu, GPU) else gpu_by_name(GPUS, gpu)
 
 
 def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: int | None = None,

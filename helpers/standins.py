@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import world
+from .asr import sha256_file
 
 STANDINS_VERSION = 1
 ROOT = Path(__file__).resolve().parents[1]
@@ -1381,14 +1382,6 @@ def write_whisper(path: Path, spec: StandinSpec) -> dict:
 
 
 # ============================================================================================ hub cache
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def git_blob_sha1(path: Path) -> str:

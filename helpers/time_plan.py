@@ -97,12 +97,7 @@ def detect_gpu() -> str | None:
 
 
 def _spec(gpu) -> GPUSpec:
-    if isinstance(gpu, GPUSpec):
-        return gpu
-    key = {k.lower(): k for k in GPU_SPECS}.get(str(gpu).lower().replace(" ", "-"))
-    if key is None:
-        raise ValueError(f"no speed figures for GPU {gpu!r}: choose one of {sorted(GPU_SPECS)}")
-    return GPU_SPECS[key]
+    return gpu if isinstance(gpu, GPUSpec) else mp.gpu_by_name(GPU_SPECS, gpu, "no speed figures for GPU")
 
 
 # ------------------------------------------------------------------------------------------------ counting kernels
