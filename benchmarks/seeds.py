@@ -196,11 +196,9 @@ def update_readme(readme: Path = ROOT / "README.md") -> bool:
 
 # ------------------------------------------------------------------------------------------------- main
 def default_jobs(n_runs: int, threads: int) -> int:
-    import torch
-
+    """As many runs as the cores hold at `threads` each (on a GPU too: the tiny runs share it, and each still needs
+    its CPU threads)."""
     cores = len(os.sched_getaffinity(0))
-    if torch.cuda.is_available():  # tiny models: several runs share one GPU; each still needs CPU threads
-        return max(1, min(n_runs, cores // max(1, threads)))
     return max(1, min(n_runs, cores // max(1, threads)))
 
 

@@ -114,6 +114,8 @@ def balanced_sampling_arguments() -> dict:
     if "group_by_length" in fields:  # older releases: LengthGroupedSampler
         return {"group_by_length": True}
     return {}
+
+
 THREADS_ENV = "MMPHI_CPU_THREADS"
 
 
