@@ -90,7 +90,7 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
         "final_pretrain_loss": m1["final_heldout_loss"], "final_caption_loss": m2["final_heldout_caption_loss"],
         "seconds_by_notebook": {k: round(v, 1) for k, v in seconds.items()},
         "world": {"colours": list(vocab.colour_names), "shapes": list(vocab.shapes)},
-        "recipe": {"pretrain": dataclasses.asdict(profile.pretrain), "instruct_epochs": profile.instruct.epochs,
+        "recipe": {"pretrain": dataclasses.asdict(profile.pretrain), "instruct": dataclasses.asdict(profile.instruct),
                    "projector_learning_rate": profile.projector_learning_rate,
                    "train_type_weights": profile.world.train_type_weights},
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -160,3 +160,24 @@ def test_balanced_batches_resume_where_they_stopped(saved_llava, tok, profile, i
     assert set(resumed) == set(straight) == {1, 2, 3, 4, 5, 6}
     for step in (5, 6):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6)
+
+
+def test_flop_count_is_trainers_own_with_the_parameter_count_taken_once(tmp_path, monkeypatch):
+    from transformers import PhiConfig, PhiForCausalLM, Trainer, TrainingArguments
+
+    from helpers.training import CourseTrainer
+
+    model = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=32))
+    trainer = CourseTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True))
+    inputs = {"input_ids": torch.zeros(3, 7, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    assert expected > 0
+    counts = []
+    original = type(model).num_parameters
+    monkeypatch.setattr(type(model), "num_parameters",
+                        lambda self, *a, **k: counts.append(1) or original(self, *a, **k))
+    assert [trainer.floating_point_ops(inputs) for _ in range(5)] == [expected] * 5
+    assert trainer.floating_point_ops({"input_ids": torch.zeros(2, 5, dtype=torch.long)}) == expected * 10 // 21
+    assert len(counts) == 1
+    assert trainer.floating_point_ops({"pixel_values": torch.zeros(1)}) == 0
