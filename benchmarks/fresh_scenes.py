@@ -32,12 +32,12 @@ PAIRS_SCENES, PAIRS_STREAM = 150, 77
 def all_types_records(world_seed: int, folder: Path):
     from helpers.config import TINY
     from helpers.multimodal_data import read_llava_instruct
-    from helpers.world import WorldFiles, _write_split, vocabulary
+    from helpers.world import WorldFiles, write_split, vocabulary
 
     files = WorldFiles(folder)
     if not files.instruct("val").exists():
-        _write_split(files, "val", ALL_TYPES_SCENES, world_seed * 1000 + ALL_TYPES_STREAM, TINY.world.image_size,
-                     TINY.world.turns_per_conversation, False, vocabulary(world_seed))
+        write_split(files, "val", ALL_TYPES_SCENES, world_seed * 1000 + ALL_TYPES_STREAM, TINY.world.image_size,
+                    TINY.world.turns_per_conversation, False, vocabulary(world_seed))
     return read_llava_instruct(files.instruct("val"), files.images("val"))[0]
 
 

@@ -279,8 +279,8 @@ class CourseTrainer(AtomicCheckpointMixin, Trainer):
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's estimate, 6 x input tokens x non-embedding parameters, with the parameter count taken once:
-        Trainer recounts it at every step by walking every module (4 ms a step on the tiny model, 5 % of a stage-03
-        step on 2 CPU cores), and the count does not change while training."""
+        Trainer recounts it at every step by walking every module (a visible share of a tiny model's step on 2 CPU
+        cores), and the count does not change while training."""
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0

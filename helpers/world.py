@@ -384,8 +384,8 @@ def spec_stamp(spec) -> str:
     return json.dumps(asdict(spec), sort_keys=True) + "\n"
 
 
-def _write_split(files: WorldFiles, split: str, n: int, seed: int, image_size: int, turns: int,
-                 progress: bool, vocab: Vocabulary = DEFAULT_VOCABULARY, weights: dict | None = None) -> None:
+def write_split(files: WorldFiles, split: str, n: int, seed: int, image_size: int, turns: int,
+                progress: bool, vocab: Vocabulary = DEFAULT_VOCABULARY, weights: dict | None = None) -> None:
     from tqdm.auto import tqdm
 
     rng = random.Random(seed)
@@ -427,10 +427,10 @@ def build_world(root: str | Path, spec, eos: str = "<|endoftext|>", progress: bo
     files.root.mkdir(parents=True, exist_ok=True)
     vocab = vocabulary(spec.world_seed)
     weights = dict(spec.train_type_weights) if spec.train_type_weights else None  # training data only
-    _write_split(files, "train", spec.n_train_images, spec.world_seed * 1000 + 1, spec.image_size,
-                 spec.turns_per_conversation, progress, vocab, weights)
-    _write_split(files, "val", spec.n_heldout_images, spec.world_seed * 1000 + 2, spec.image_size,
-                 spec.turns_per_conversation, progress, vocab)  # held out: every type equally likely, always
+    write_split(files, "train", spec.n_train_images, spec.world_seed * 1000 + 1, spec.image_size,
+                spec.turns_per_conversation, progress, vocab, weights)
+    write_split(files, "val", spec.n_heldout_images, spec.world_seed * 1000 + 2, spec.image_size,
+                spec.turns_per_conversation, progress, vocab)  # held out: every type equally likely, always
     rng = random.Random(spec.world_seed * 1000 + 3)
     docs = [corpus_document(sample_scene(rng, vocab), rng, spec.corpus_questions, eos, vocab, weights)
             for _ in range(spec.n_corpus_scenes)]

@@ -38,8 +38,8 @@ def test_instruct_stage_under_accelerate_launch_with_two_cpu_processes(world, sa
            "scripts/train_stage.py", "instruct", "--profile", "tiny", "--output", str(tmp_path),
            "--max-steps", str(STEPS), "--logging-steps", "1", "--batch-size", "4"]
     small = "world.n_train_images=48,world.n_heldout_images=12,world.n_corpus_scenes=400,world.world_seed=7"
-    env = dict(os.environ, MMPHI_SETTINGS=small, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    env = dict(os.environ, MMPHI_SETTINGS=small, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     env.pop("MMPHI_OUTPUT_DIR", None)
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = run.stdout + run.stderr
