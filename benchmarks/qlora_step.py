@@ -252,6 +252,13 @@ def main(argv=None):
     return result
 
 
+def same_losses(a, b, rel_tol=0.02, abs_tol=1e-3) -> bool:
+    """Whether two ways' per-step losses agree: both non-empty, as many steps, each pair within 2 % (bf16 rounding
+    on a GPU). Empty or unequal lists are not agreement (zip alone would compare nothing and say they agree)."""
+    return (len(a) > 0 and len(a) == len(b)
+            and all(math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol) for x, y in zip(a, b)))
+
+
 def report(result, info, args):
     ways = [w for w in result["ways"] if "error" not in w]
     print(f"\nStage 03 step, old way vs new way ({info['device']}, {info.get('gpu', info.get('cpu'))}), size "
@@ -271,8 +278,7 @@ def report(result, info, args):
     if "old" in by and "new" in by:
         speedup = by["old"]["s_per_step"] / by["new"]["s_per_step"]
         result["speedup"] = speedup
-        same = all(math.isclose(a, b, rel_tol=0.02, abs_tol=1e-3) for a, b in zip(by["old"]["losses"],
-                                                                                  by["new"]["losses"]))
+        same = same_losses(by["old"]["losses"], by["new"]["losses"])
         result["same_loss"] = same
         print(f"new / old: {speedup:.2f}x faster per optimizer step (same examples; losses "
               f"{'agree' if same else 'DIFFER'} within 2 %)")

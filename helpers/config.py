@@ -131,6 +131,20 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class Bars:
+    """What a tiny run must reach (the figures README "Seeds and worlds" measures every seed against). A notebook
+    whose stage misses its bar raises with the measured figure (``helpers.bars.check``), so a course that stops
+    teaching turns CI red instead of printing a warning. Each is a setting (``bars.text_probe=0.9``)."""
+
+    loss_drop: float = 1.0  # 01: final held-out loss <= initial held-out loss - this (nats per token)
+    text_probe: float = 0.95  # 01: exact answers to text-only questions about fresh described scenes
+    heldout_accuracy: float = 0.98  # 03: exact answers to held-out questions about images, overall
+    heldout_accuracy_by_type: float = 0.95  # 03: ... and for every question type
+    eos_rate: float = 0.99  # 03: answers that end with EOS (the model stops)
+    spoken_gap_points: float = 5.0  # 04: typed minus spoken accuracy, at most this many points
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     # checkpoints (full) or None (tiny: built from the specs below)
@@ -179,6 +193,9 @@ class Profile:
     max_new_tokens: int = 64
     n_eval_samples: int = 300
     seed: int = 0
+    # what a run must reach, or its notebook raises (tiny: see Bars); None: reported, never enforced (the full
+    # profile's first runs and its rehearsal on random weights have no bar to meet)
+    bars: Bars | None = None
 
     def checkpointing(self, stage: str) -> bool:
         """Whether `stage` ("projection", "instruct") trains with gradient checkpointing."""
@@ -253,6 +270,7 @@ TINY = Profile(
     n_eval_samples=300,
     n_audio_questions=900,
     train_missing_stages=True,
+    bars=Bars(),
 )
 
 FULL = Profile(

@@ -167,8 +167,13 @@ def show_scores(metrics: dict, figures_dir=None) -> None:
                       figures_dir / "03_accuracy.png" if figures_dir else None)
         print(f"overall exact match: {metrics['heldout_accuracy']:.1%} on {metrics['n_heldout_questions']} "
               f"questions; answers ending with EOS: {metrics['eos_rate']:.1%}")
-        reporting.show_table([{"type": t, "accuracy": f"{a:.1%}", "questions": metrics["heldout_questions_by_type"][t]}
+        blind = metrics.get("blind_accuracy_by_type", {})
+        reporting.show_table([{"type": t, "accuracy": f"{a:.1%}", "blind (blank image)": f"{blind[t]:.1%}" if t in blind
+                               else "-", "questions": metrics["heldout_questions_by_type"][t]}
                               for t, a in metrics["heldout_accuracy_by_type"].items()])
+        if blind:
+            print(f"blind (every image replaced by a blank one): {metrics['blind_accuracy']:.1%} overall. What the "
+                  "model answers blind comes from the question's words alone; the gap is what it reads from the image.")
     if "freeform_n" in metrics:
         print(f"free-form answers ({metrics['freeform_n']} held-out questions): judged correct "
               f"{metrics['freeform_judged_correct']:.1%} (content-word recall >= 0.5), mean content-word F1 "

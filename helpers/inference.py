@@ -99,9 +99,19 @@ def normalise(answer: str) -> str:
     return " ".join(answer.lower().strip().rstrip(".").split())
 
 
+def blank_like(image: Image.Image) -> Image.Image:
+    """The blind baseline's image: the same size, filled with the colour of its top-left pixel (the synthetic
+    world's background; any corner of a photo): the prompt and its image tokens are there, what they show is not."""
+    image = image.convert("RGB")
+    return Image.new("RGB", image.size, image.getpixel((0, 0)))
+
+
 def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, batch_size: int | None = None,
-                           progress: bool = True, judge=None) -> dict:
+                           progress: bool = True, judge=None, blind: bool = False) -> dict:
     """Exact-match accuracy on held-out conversations, turn by turn with the gold history in the prompt.
+
+    blind: every image replaced by a blank one (:func:`blank_like`). What a model scores blind it answers from the
+    question's words alone; the gap to the real score is what it reads from the image.
 
     Every record needs ``meta["types"]`` (question type per turn). Returns overall and per-type accuracy, the
     fraction of answers that ended with EOS, and every (question, expected, predicted) row. `batch_size` None:
@@ -125,9 +135,11 @@ def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, 
         tokens = longest + getattr(model.config, "image_seq_length", 0) + max_new_tokens
         batch_size = generation_batch_size(model, tokens)
     rows = []
-    for i in tqdm(range(0, len(jobs), batch_size), desc="answering held-out questions", disable=not progress):
+    desc = "answering held-out questions" + (" with blank images" if blind else "")
+    for i in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress):
         chunk = jobs[i: i + batch_size]
         images = [Image.open(j[0]).convert("RGB") for j in chunk]
+        images = [blank_like(im) for im in images] if blind else images
         answers = generate_answers(model, processor, images, [j[1] for j in chunk], max_new_tokens, batch_size)
         for (path, _, expected, qtype, question), (pred, ended) in zip(chunk, answers):
             rows.append({"image": path.name, "type": qtype, "question": question, "expected": expected,

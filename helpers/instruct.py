@@ -229,3 +229,52 @@ def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype: torch.
     peak = f"GPU peak {_gib(torch.cuda.max_memory_allocated())}, " if device.startswith("cuda") else ""
     print(f"export: saved to {out_dir} ({peak}host peak {_gib(_host_peak_bytes())})", flush=True)
     return merged.eval()
+
+
+# ------------------------------------------------------------------------ the export, checked from disk
+# How far the reloaded export's logits may be from the trained 4-bit + LoRA model's, as a fraction of the largest
+# |logit|, by the precision the assistant runs in. fp32: bitsandbytes' CPU 4-bit kernel rounds each layer's output
+# to bf16 (~3e-3 per layer on the tests' tiny model) while the merged model does not. bf16/fp16: the merged weights
+# themselves are rounded to 8 (bf16) or 11 (fp16) bits of mantissa.
+EXPORT_TOLERANCE = {torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+class ExportMismatch(RuntimeError):
+    """The exported assistant, reloaded from disk, does not answer like the model that was trained."""
+
+
+@torch.no_grad()
+def prompt_logits(model, processor, image, prompt: str) -> torch.Tensor:
+    """Every position's logits (fp32, on the CPU) for one image and prompt, as the model computes them."""
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    first = next(model.parameters())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision_dtype = next(base.model.vision_tower.parameters()).dtype
+    inputs = {k: v.to(first.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
+    was_training = model.training
+    model.eval()
+    logits = model(**inputs, use_cache=False).logits.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def check_export(trained_logits: torch.Tensor, exported, processor, image, prompt: str,
+                 stored_dtype: torch.dtype | None = None) -> dict:
+    """Compare the exported assistant (loaded from disk with stock classes) with the trained model's logits on the
+    same image and prompt; raise :class:`ExportMismatch` beyond :data:`EXPORT_TOLERANCE` for the coarser of the
+    precision it runs in and the one it was stored in (`stored_dtype`: a T4 runs a bf16 export in fp32, its weights
+    still rounded to bf16). Returns the figures."""
+    got = prompt_logits(exported, processor, image, prompt)
+    dtype = next(exported.parameters()).dtype
+    tolerance = max(EXPORT_TOLERANCE.get(d, 5e-2) for d in (dtype, stored_dtype or dtype))
+    scale = max(1.0, float(trained_logits.abs().max()))
+    diff = float((got - trained_logits).abs().max()) if got.shape == trained_logits.shape else float("inf")
+    result = {"max_abs_logit_difference": diff, "max_abs_logit": scale, "relative": diff / scale,
+              "tolerance": tolerance, "dtype": str(dtype).replace("torch.", "")}
+    if not result["relative"] <= result["tolerance"]:
+        raise ExportMismatch(
+            f"the exported assistant does not answer like the trained model: its logits on a held-out prompt differ "
+            f"by up to {diff:.4g} (largest |logit| {scale:.4g}: {result['relative']:.2%} > the tolerance "
+            f"{result['tolerance']:.2%} for {result['dtype']}). Notebooks 04 and 05 would load this export.")
+    return result

@@ -685,7 +685,7 @@ class MemoryPlan:
 
 
 CUBLAS_WORKSPACE_GIB = 1 / 16  # cuBLAS + cuBLASLt workspaces of one stream (up to 32 MiB each on Hopper)
-ACTIVATION_MARGIN = 0.05  # tensors the saved-tensor count does not see: 3.5 % measured at batch 8 without checkpointing
+ACTIVATION_MARGIN = 0.05  # tensors the saved-tensor count does not see (an allowance, not a measured figure)
 # Measured on an H200 (benchmarks/results/memory_peaks_h200.json, qlora_step_h200.json) above what the count explains:
 # stage 02's peaks were 0.4-1.4 GiB over the counted ones in all six configurations (16 x 83 and 16 x 512 tokens,
 # with and without checkpointing, both losses), stage 03's up to 0.2 GiB (the old way on real LLaVA lengths). The

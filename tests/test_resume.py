@@ -1,6 +1,19 @@
 """Training survives a crash: a stage's process is killed with SIGKILL mid-run, resumed from its last checkpoint, and
-ends exactly where an uninterrupted run ends (same per-step losses, same final loss and weights, bit for bit on CPU
-with one thread and fixed seeds). A damaged newest checkpoint is skipped with a message and the previous one used.
+ends exactly where an uninterrupted run ends. A damaged newest checkpoint is skipped with a message and the previous
+one used.
+
+What "resumed" means is checked from inside Trainer, not from what the course prints: the resumed process records
+the step Trainer starts at (``on_train_begin``), the optimizer steps it really runs, and a fingerprint of every
+micro-batch it feeds the model. It must start at the checkpoint's step, run only the remaining steps, feed the very
+micro-batches the uninterrupted run fed at those steps (the data position, including the length-balanced sampler's
+order in stage 03, where an optimizer batch is cut into two micro-batches), and end bit-identical to the
+uninterrupted run: SHA-256 of every trainable tensor, of the optimizer state (AdamW's moments and step counts) and
+of the scheduler state.
+
+Bugs these tests catch (each checked by planting it): ``trainer.train(resume_from_checkpoint=None)`` (a run that
+silently restarts from step 0 reaches the same weights on a deterministic CPU, but starts at step 0 and runs all
+steps); resuming with ``ignore_data_skip=True`` or a sampler whose order is not restored (other micro-batches);
+a checkpoint that loses the optimizer or scheduler state (different hashes); a damaged checkpoint used anyway.
 
 This file is also the worker the tests start (``python tests/test_resume.py <stage> ...``): it runs one stage's
 training function (helpers.pretrain.pretrain, helpers.projection.train_projector, helpers.instruct.train_instruct)
@@ -35,21 +48,93 @@ def _profile(stage: str):
     spec = {"pretrain": StageSpec(learning_rate=3e-3, batch_size=8, max_steps=STEPS, logging_steps=1),
             "projection": StageSpec(learning_rate=1e-2, batch_size=8, max_steps=STEPS, logging_steps=1,
                                     max_length=128),
-            "instruct": StageSpec(learning_rate=2e-3, batch_size=4, max_steps=STEPS, logging_steps=1,
+            # two micro-batches per optimizer step: the length-balanced sampler cuts each drawn batch of 4
+            "instruct": StageSpec(learning_rate=2e-3, batch_size=2, grad_accum=2, max_steps=STEPS, logging_steps=1,
                                   max_length=160)}[stage]
     return dataclasses.replace(TINY, world=SMALL_WORLD, **{stage: spec})
 
 
-def _pause_callback(step: int, marker: Path):
+def _recorder(pause_at: int, marker: Path):
+    """A callback that records what Trainer really does in this process: the step it starts at, the optimizer steps
+    it runs, and a fingerprint of each micro-batch the model is fed (by a forward pre-hook). With `pause_at` it
+    stands still after that step so the test can kill the process there."""
+    import hashlib
+
     from transformers import TrainerCallback
 
-    class Pause(TrainerCallback):  # stands still after `step` so the test can kill the process there
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.start_step, self.steps_run, self.batches, self._hook, self._step = None, 0, {}, None, None
+            self.sampler = None
+
+        def _fingerprint(self, module, args, kwargs):
+            if self._step is None:
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            digest = hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+            self.batches.setdefault(str(self._step), []).append(digest)
+
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            self.start_step = state.global_step  # after Trainer restored the checkpoint's state
+            self._hook = model.register_forward_pre_hook(self._fingerprint, with_kwargs=True)
+            self.sampler = _sampler_name(train_dataloader)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._step = state.global_step + 1
+
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                marker.write_text(str(step))
+            self.steps_run += 1
+            self._step = None
+            if pause_at and state.global_step == pause_at:
+                marker.write_text(str(pause_at))
                 time.sleep(600)
 
-    return [Pause()]
+        def on_train_end(self, args, state, control, **kwargs):
+            self._step = None
+            if self._hook is not None:
+                self._hook.remove()
+
+    return Recorder()
+
+
+def _sampler_name(dataloader) -> str | None:
+    """The class of the sampler that orders the training examples (inside accelerate's dataloader wrappers)."""
+    wrappers = ("BatchSampler", "BatchSamplerShard", "SequentialSampler")
+    for path in ("batch_sampler.batch_sampler", "batch_sampler", "batch_sampler.sampler", "sampler",
+                 "batch_sampler.batch_sampler.sampler"):
+        obj = dataloader
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        if obj is not None and type(obj).__name__ not in wrappers:
+            return type(obj).__name__
+    return None
+
+
+def _state_sha256(trainer, model) -> dict:
+    """SHA-256 of the full trainable tensors, the optimizer state and the scheduler state (not sums: every bit)."""
+    import hashlib
+
+    import torch
+
+    def digest(obj, h):
+        if isinstance(obj, torch.Tensor):
+            h.update(str((obj.dtype, tuple(obj.shape))).encode())
+            h.update(obj.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                h.update(repr(k).encode())
+                digest(obj[k], h)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                digest(item, h)
+        else:
+            h.update(repr(obj).encode())
+        return h
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {"weights": digest(trainable, hashlib.sha256()).hexdigest(),
+            "optimizer": digest(trainer.optimizer.state_dict(), hashlib.sha256()).hexdigest(),
+            "scheduler": digest(trainer.lr_scheduler.state_dict(), hashlib.sha256()).hexdigest()}
 
 
 def worker(argv=None):
@@ -74,8 +159,8 @@ def worker(argv=None):
     paths = Paths(profile, args.out)
     tok = load_tokenizer(args.tok)
     world = WorldFiles(Path(args.world))
-    callbacks = _pause_callback(args.pause_at, Path(args.result + ".paused")) if args.pause_at else None
-    kw = dict(callbacks=callbacks, save_steps=SAVE_EVERY)
+    recorder = _recorder(args.pause_at, Path(args.result + ".paused"))
+    kw = dict(callbacks=[recorder], save_steps=SAVE_EVERY)
     if args.stage == "pretrain":
         from helpers.pretrain import mean_loss, pretrain, read_corpus
 
@@ -112,10 +197,11 @@ def worker(argv=None):
             trainer = train_instruct(model, ds, tok, profile, paths, **kw)
         final = mean_conversation_loss(model, ds, tok)
     rows = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
-    trainable = [p.detach().double() for p in model.parameters() if p.requires_grad]
     result = {"losses": rows, "final_loss": final, "global_step": trainer.state.global_step,
-              "n_trainable": sum(p.numel() for p in trainable),
-              "weights": [float(p.sum()) for p in trainable] + [float(p.abs().sum()) for p in trainable]}
+              "start_step": recorder.start_step, "steps_run": recorder.steps_run, "batches": recorder.batches,
+              "sampler": recorder.sampler,
+              "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "sha256": _state_sha256(trainer, model)}
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -181,12 +267,19 @@ def _crash_and_resume(stage, world, tok_dir, llava, tmp_path, kill_at, damage=No
     return _UNINTERRUPTED[stage], json.loads(crash_result.read_text()), log, trainer_dir
 
 
-def _assert_same_run(full, resumed):
-    assert full["global_step"] == resumed["global_step"] == STEPS
+def _assert_same_run(full, resumed, resumed_at: int):
+    """The resumed process started at checkpoint `resumed_at`, ran only the remaining steps on the micro-batches the
+    uninterrupted run used there, and ended bit-identical to it."""
+    assert full["start_step"] == 0 and full["steps_run"] == STEPS == full["global_step"]
+    assert resumed["start_step"] == resumed_at, f"Trainer started at step {resumed['start_step']}, not {resumed_at}"
+    assert resumed["steps_run"] == STEPS - resumed_at, f"ran {resumed['steps_run']} steps"
+    assert resumed["global_step"] == STEPS
+    assert sorted(resumed["batches"], key=int) == [str(s) for s in range(resumed_at + 1, STEPS + 1)]
+    assert all(resumed["batches"][s] == full["batches"][s] for s in resumed["batches"]), "other micro-batches"
     assert [s for s, _ in full["losses"]] == list(range(1, STEPS + 1))
-    assert resumed["losses"] == full["losses"]  # every step's loss, bit for bit
+    assert resumed["losses"] == full["losses"]  # every step's loss, bit for bit (the first ones from the checkpoint)
     assert resumed["final_loss"] == full["final_loss"]
-    assert resumed["weights"] == full["weights"]
+    assert resumed["sha256"] == full["sha256"]  # weights, optimizer and scheduler state
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +299,7 @@ def test_pretrain_resumes_bit_exactly_after_sigkill(world, tok_dir, tmp_path):
     full, resumed, log, trainer_dir = _crash_and_resume("pretrain", world, tok_dir, "-", tmp_path,
                                                         kill_at=6)
     assert "Resuming from" in log and "checkpoint-4" in log
-    _assert_same_run(full, resumed)
+    _assert_same_run(full, resumed, resumed_at=4)
     assert _checkpoint_steps(trainer_dir) == [8, 12]  # save_total_limit = 2
     assert not any((trainer_dir / ".staging").glob("checkpoint-*"))
 
@@ -215,7 +308,7 @@ def test_projection_resumes_bit_exactly_after_sigkill(world, tok_dir, saved_llav
     full, resumed, log, trainer_dir = _crash_and_resume("projection", world, tok_dir, saved_llava,
                                                         tmp_path, kill_at=7)
     assert "checkpoint-4" in log
-    _assert_same_run(full, resumed)
+    _assert_same_run(full, resumed, resumed_at=4)
     # stage-02 checkpoints hold the trainable projector only, not the frozen LLM and vision tower
     from safetensors import safe_open
 
@@ -228,7 +321,9 @@ def test_qlora_resumes_adapters_projector_and_optimizer_after_sigkill(world, tok
     full, resumed, log, trainer_dir = _crash_and_resume("instruct", world, tok_dir, saved_llava,
                                                         tmp_path, kill_at=5)
     assert "checkpoint-4" in log
-    _assert_same_run(full, resumed)
+    # two micro-batches per step, cut by length from each drawn batch: the sampler's position is resumed too
+    assert full["sampler"] == resumed["sampler"] == "BatchRebalanceSampler"
+    _assert_same_run(full, resumed, resumed_at=4)
     from safetensors import safe_open
 
     with safe_open(str(trainer_dir / "checkpoint-12" / "adapter_model.safetensors"), "pt") as f:
@@ -247,7 +342,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(world, tok_dir
                                               damage=truncate)
     assert "Skipping checkpoint" in log and "checkpoint-8: model.safetensors is truncated" in log, log[-3000:]
     assert "Resuming from" in log and "checkpoint-4 (4/12 steps done)" in log
-    _assert_same_run(full, resumed)
+    _assert_same_run(full, resumed, resumed_at=4)
 
 
 def test_checkpoint_validation_reasons(tmp_path, capsys):

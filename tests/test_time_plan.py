@@ -1,5 +1,6 @@
 """The time plan: FLOPs counted on meta models equal a hand count, the calibration reproduces the GPU step times it
-was fitted to, and plans and recipes behave (slower GPUs take longer, recipes keep the effective batch and the
+was fitted to (a regression guard, in sample) and, refitted without one of them, plans that one (held out), and plans
+and recipes behave (slower GPUs take longer, recipes keep the effective batch and the
 budget)."""
 from __future__ import annotations
 
@@ -48,13 +49,85 @@ def test_flops_of_one_phi_decoder_layer_equal_a_hand_count(spec):
     assert flop_counter.get_total_flops() == counter.count.total_flops
 
 
-def test_calibration_reproduces_the_h200_step_times():
-    """Batch 4 with checkpointing and batch 8 without (the same counts): planned within 15 % of the measured."""
-    for stage, batch, tokens, ckpt, attention, loss, measured in tp.CALIBRATION_POINTS:
-        if stage != "instruct" or attention != "efficient" or batch == 16:
-            continue
-        planned = tp.micro_step_seconds(FULL, stage, "H200", batch, tokens, ckpt, attention, loss)["seconds"]
-        assert planned == pytest.approx(measured, rel=0.15), (batch, ckpt)
+CALIBRATION_TOLERANCE_IN_SAMPLE = 0.15  # relative: the module's own claim for the points it was fitted to
+CALIBRATION_TOLERANCE_HELD_OUT = 0.25  # relative: a point left out of the fit (the worst, the math kernel, is -20 %)
+OVERHEAD_TOLERANCE_IN_SAMPLE = 0.05  # relative, seconds per optimizer step of real LLaVA-length batches
+OVERHEAD_TOLERANCE_HELD_OUT = 0.10
+
+
+def _planned_micro_step(point, cal=None) -> float:
+    stage, batch, tokens, ckpt, attention, loss, _measured = point
+    return tp.micro_step_seconds(FULL, stage, tp.CALIBRATION_GPU, batch, tokens, ckpt, attention, loss,
+                                 cal=cal)["seconds"]
+
+
+def test_regression_guard_calibration_reproduces_the_h200_step_times_it_was_fitted_to():
+    """REGRESSION GUARD, in sample: CALIBRATION was fitted to these five H200 step times (CALIBRATION_POINTS), so
+    this says nothing about other shapes or GPUs (the held-out test below does, for shapes). Bug caught: an
+    accidental change to the calibration constants or to the count/roofline that moves any fitted point more than
+    15 % (e.g. matmul_efficiency 0.45 -> 0.6, or the recomputed forward under checkpointing no longer priced)."""
+    assert len(tp.CALIBRATION_POINTS) == 5
+    misses = []
+    for point in tp.CALIBRATION_POINTS:
+        planned, measured = _planned_micro_step(point), point[-1]
+        if abs(planned - measured) > CALIBRATION_TOLERANCE_IN_SAMPLE * measured:
+            misses.append((point, round(planned, 3)))
+    assert not misses, misses
+
+
+def test_calibration_fitted_without_a_point_plans_it():
+    """HELD OUT: leave-one-out over CALIBRATION_POINTS with the module's own fitting rule (fit_calibration's grid
+    search on log time): fitted on the other four step times, the fifth is planned within 25 % (measured on the
+    current fit: -13 %, -20 % (the only math-kernel point), +13 %, -6 %, +8 %). Three constants fitted to four points
+    leave little to spare, hence the wide tolerance. Bug caught: a count or roofline error that one shape suffers
+    and the others do not (e.g. the recomputed forward under checkpointing or the per-pass 4-bit dequantization not
+    counted), which a refit of the constants could absorb in sample but not on a point it did not see."""
+    points = tp.CALIBRATION_POINTS
+    misses = []
+    for i, held in enumerate(points):
+        cal, _rows = tp.fit_calibration(points[:i] + points[i + 1:])
+        planned, measured = _planned_micro_step(held, cal), held[-1]
+        if abs(planned - measured) > CALIBRATION_TOLERANCE_HELD_OUT * measured:
+            misses.append((held, round(planned, 3), cal))
+    assert not misses, misses
+
+
+def test_batch_overhead_fitted_on_one_way_plans_the_other():
+    """CALIBRATION.batch_overhead_seconds (per micro-batch of real data) comes from the two ways of
+    benchmarks/results/qlora_step_h200.json: measured seconds per optimizer step minus the fixed-shape plan the
+    benchmark recorded (``planned_s_per_step``, recorded before the overhead existed), per micro-batch.
+
+    * REGRESSION GUARD, in sample: with the committed constant both ways are planned within 5 %. Bug caught: the
+      constant changed or lost (0 plans the old way 33 % fast).
+    * HELD OUT: the overhead fitted on one way alone plans the other within 10 % (-3 % and +3 % on the committed
+      run). Bug caught: a benchmark run whose step times are not a fixed-shape cost plus a constant per
+      micro-batch (e.g. one way timed on other examples or another number of micro-batches than it records), so the
+      per-micro-batch model no longer holds and must be revisited. A re-run recorded with the overhead already in
+      ``planned_s_per_step`` fails here too: refit the constant then."""
+    import json
+    from pathlib import Path
+
+    result = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/qlora_step_h200.json")
+                        .read_text())
+    assert result["machine"]["gpu"].endswith(tp.CALIBRATION_GPU)
+    ways = {w["way"]: w for w in result["ways"]}
+    assert set(ways) == {"old", "new"}
+    host_factor = tp.GPU_SPECS[tp.CALIBRATION_GPU].host_factor
+
+    def planned(way, overhead):
+        return way["planned_s_per_step"] + way["micro_batches_per_step"] * overhead * host_factor
+
+    def fitted(way):
+        return (way["s_per_step"] - way["planned_s_per_step"]) / (way["micro_batches_per_step"] * host_factor)
+
+    for way in ways.values():
+        assert way["s_per_step"] == pytest.approx(planned(way, tp.CALIBRATION.batch_overhead_seconds),
+                                                  rel=OVERHEAD_TOLERANCE_IN_SAMPLE), way["way"]
+    for fit_on, check in (("old", "new"), ("new", "old")):
+        overhead = fitted(ways[fit_on])
+        assert overhead > 0
+        assert ways[check]["s_per_step"] == pytest.approx(planned(ways[check], overhead),
+                                                          rel=OVERHEAD_TOLERANCE_HELD_OUT), (fit_on, overhead)
 
 
 def test_plans_order_gpus_and_scale_with_data():
