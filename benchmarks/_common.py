@@ -43,10 +43,10 @@ def setup_threads(device: torch.device, threads: int = 0) -> None:
 
 
 def precision(device: torch.device) -> torch.dtype:
-    """What the course uses: bf16 on a GPU that reports bf16 support, fp32 otherwise (never fp16)."""
-    from helpers.training import bf16_supported
+    """What the course uses there (helpers.precision): bf16 / fp16 on a GPU, fp32 on a CPU."""
+    from helpers.precision import current
 
-    return torch.bfloat16 if device.type == "cuda" and bf16_supported() else torch.float32
+    return current().dtype if device.type == "cuda" else torch.float32
 
 
 def machine(device: torch.device) -> dict:

@@ -60,7 +60,11 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
     projector = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "multi_modal_projector" not in n]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": 2e-4}, {"params": projector, "lr": 2e-5}])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    half = dtype in (torch.bfloat16, torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=half)
+    # fp16 (a T4, or MMPHI_PRECISION=fp16): a gradient scaler, as Trainer's fp16 mode uses; it skips non-finite steps
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    skipped_steps = []
     steps = []
     all_micro = []
 
@@ -79,10 +83,14 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
                     loss, _ = answer_only_loss(model, b, torch.tensor(num_items, device=device))
                 else:
                     loss = model(**b, use_cache=False, num_items_in_batch=torch.tensor(num_items, device=device)).loss
-            loss.backward()
+            scaler.scale(loss).backward()
             total_loss += float(loss.detach())
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped_steps.append(scaler.is_enabled() and scaler.get_scale() < scale)
         optimizer.zero_grad(set_to_none=True)
         real = sum(len(examples[i]["input_ids"]) for i in indices)
         padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in micro)
@@ -115,8 +123,10 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
            "real_tokens_per_s": real / seconds, "padded_tokens_per_s": padded / seconds,
            "padding_pct": 100 * (padded - real) / padded,
            "losses": ([warm_loss] if warm_loss is not None else []) + [s["loss"] for s in steps],
-           "micro_batches_per_step": steps[0]["micro_batches"], "peak_gib": C.peak_gib(device)}
-    if gpu_spec is not None:
+           "micro_batches_per_step": steps[0]["micro_batches"], "peak_gib": C.peak_gib(device),
+           "precision": str(dtype).replace("torch.", ""), "skipped_steps": int(sum(skipped_steps)),
+           "all_losses_finite": all(math.isfinite(x) for x in [warm_loss or 0.0] + [s["loss"] for s in steps])}
+    if gpu_spec is not None and gpu_spec == C.gpu_key(device):  # MFU of the GPU that ran it (not of --as-gpu)
         from helpers.time_plan import GPU_SPECS
 
         out["mfu_pct"] = 100 * 6 * n_params * out["real_tokens_per_s"] / (GPU_SPECS[gpu_spec].bf16_tflops * 1e12)
@@ -126,7 +136,8 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
     try:
         mem = plan_memory(profile, "instruct", gpu=memory_gpu, batch_size=rows, seq_length=length,
                           gradient_checkpointing=way["checkpointing"], grad_accum=way["grad_accum"], loss=way["loss"],
-                          attention="efficient" if device.type == "cuda" and memory_gpu.native_bf16 else "auto")
+                          attention="efficient" if device.type == "cuda" and getattr(memory_gpu, "native_bf16", False)
+                          else "auto")
         out["planned_peak_gib"] = mem.total_bytes / 2 ** 30
         out["planned_for"] = f"{rows} x {length}"
     except Exception as exc:  # a plan must not stop the measurement
@@ -182,10 +193,22 @@ def main(argv=None):
                         "GPU, 8 for tiny)")
     parser.add_argument("--new-checkpointing", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ways", default="old,new")
+    parser.add_argument("--as-gpu", help="plan and cap memory as on this GPU of helpers.time_plan.GPU_SPECS (e.g. T4): "
+                        "the new way takes that GPU's recipe, and the process may allocate only that GPU's memory "
+                        "(torch.cuda.set_per_process_memory_fraction). With MMPHI_PRECISION=fp16 this rehearses a "
+                        "T4's fp16 path at real size on a bigger GPU (speed is this GPU's, not the T4's)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "mmphi_bench"),
                         help="where the random checkpoint is saved once and reused")
     args = parser.parse_args(argv)
     deadline, device = C.start(args, parser)
+    memory_cap = None
+    if args.as_gpu:
+        from helpers.memory_plan import GPUS, gpu_by_name
+
+        memory_cap = gpu_by_name(GPUS, args.as_gpu, "no memory figure for GPU").memory_gib
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap / total), torch.cuda.current_device())
     profile = C.profile_for(args.size)
     spec = profile.instruct
     effective = args.effective_batch or (spec.batch_size * spec.grad_accum if args.size == "phi2" else 16)
@@ -193,7 +216,8 @@ def main(argv=None):
     dtype = C.precision(device)
     info = C.machine(device)
     result = {"benchmark": "qlora_step", "machine": info, "size": args.size, "lengths": args.lengths,
-              "effective_batch": effective, "ways": [], "notes": []}
+              "effective_batch": effective, "ways": [], "notes": [], "as_gpu": args.as_gpu,
+              "memory_cap_gib": memory_cap, "precision": str(dtype).replace("torch.", "")}
     try:
         from helpers.time_plan import assumed_data, lm_parameters
 
@@ -209,8 +233,8 @@ def main(argv=None):
         examples = C.synthetic_conversations(profile, lengths, answer_fraction, seed=args.seed)
         perm = torch.randperm(n, generator=g).tolist()
         steps_indices = [perm[i * effective:(i + 1) * effective] for i in range(n_steps + 1)]
-        gpu_spec = C.gpu_key(device)
-        memory_gpu = C.gpu_memory(device) if device.type == "cuda" else "A100-80GB"
+        gpu_spec = args.as_gpu or C.gpu_key(device)
+        memory_gpu = args.as_gpu or (C.gpu_memory(device) if device.type == "cuda" else "A100-80GB")
         n_params = lm_parameters(profile)
         cache = os.path.join(args.cache_dir, f"{args.size}_random_llava")
         model, _tok, _ = C.random_4bit_llava(profile, device, cache, seed=args.seed)

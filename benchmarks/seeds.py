@@ -56,7 +56,7 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
 
     from helpers import stages
     from helpers.config import Paths, get_profile
-    from helpers.training import bf16_supported
+    from helpers.precision import current
 
     base = get_profile(profile_name)
     if base.world is None:
@@ -97,7 +97,7 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
                    "projector_learning_rate": profile.projector_learning_rate,
                    "train_type_weights": profile.world.train_type_weights},
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "precision": "bf16" if bf16_supported() else "fp32",
+        "precision": current().name,
         "threads": torch.get_num_threads(),
     }
 

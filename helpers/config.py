@@ -5,8 +5,8 @@ Both profiles run the same code. They differ only in sizes, checkpoint names and
 * ``tiny``  – offline, 2 CPU cores, minutes. Small models of the *same architectures* (Phi, CLIP ViT, LLaVA
   projector) built from configs and trained on a synthetic world written in the real file formats.
 * ``full``  – a GPU (Colab T4 / SageMaker): microsoft/phi-2, openai/clip-vit-base-patch32, COCO 2017 captions,
-  LLaVA-Instruct-150K, TinyStories, POPE and Whisper; every one of these *sources* is a setting that takes a Hub id
-  (optionally ``@revision``) or a local path (:data:`SOURCES`, resolved by :mod:`helpers.sources`).
+  LLaVA-Instruct-150K, TinyStories, POPE, MMStar and Whisper; every one of these *sources* is a setting that takes a
+  Hub id (optionally ``@revision``) or a local path (:data:`SOURCES`, resolved by :mod:`helpers.sources`).
 
 Pick one with the ``MMPHI_PROFILE`` environment variable or the ``PROFILE`` parameter cell of a notebook;
 without either, ``full`` is chosen when CUDA is available and ``tiny`` otherwise. Any field can then be changed
@@ -57,6 +57,9 @@ SOURCES = {
     "pope": SourceSetting("MMPHI_POPE", ("pope_dataset",),
                           "POPE as lmms-lab/POPE parquet (data/test-*.parquet with question, answer, category, "
                           "image)", "dataset"),
+    "mmstar": SourceSetting("MMPHI_MMSTAR", ("mmstar_dataset",),
+                            "MMStar as Lin-Chen/MMStar's mmstar.parquet (index, question with its options, image, "
+                            "answer A-D, category), a folder or repo holding it or the file itself", "dataset"),
 }
 # Hub revisions the course was checked against (a user can override with "<id>@<revision>"). Only Phi-2's commit
 # is known exactly (../shared/hub_formats.md); the other repositories are read at "main" until a full run pins them.
@@ -161,10 +164,12 @@ class Profile:
     llava_instruct_file: str | None = None
     pretrain_text_dataset: str | None = None
     pope_dataset: str | None = None
+    mmstar_dataset: str | None = None
     whisper_checkpoint: str | None = None  # None: the profile's default recogniser (helpers.asr)
     # how much data (full): images for stage 02, conversations for stage 03, stories for stage 01; None = all
     n_train_samples: int | None = None
     n_pope_questions: int = 0  # POPE questions asked after stage 03, spread over its three categories (0 = none)
+    n_mmstar_questions: int = 0  # MMStar questions asked after stage 03 (and blind), spread over its categories
     n_freeform_questions: int = 0  # held-out free-form questions judged by helpers.evaluation.judge_freeform
     n_audio_questions: int | None = None  # held-out questions asked by voice in notebook 04 (None = all)
     # a later notebook trains a missing earlier stage on the spot only when this is true (tiny: minutes; full:
@@ -287,9 +292,11 @@ FULL = Profile(
     llava_instruct_file="llava_instruct_150k.json",
     pretrain_text_dataset="roneneldan/TinyStories",
     pope_dataset="lmms-lab/POPE",
+    mmstar_dataset="Lin-Chen/MMStar",
     whisper_checkpoint="small",
     n_train_samples=20000,
     n_pope_questions=900,
+    n_mmstar_questions=300,
     n_freeform_questions=50,
     n_audio_questions=60,
     gpu_hours_per_stage=2.0,

@@ -149,7 +149,7 @@ class DemoBackend:
         from .inference import load_assistant
         from .stages import ensure_assistant
 
-        # bf16 where the GPU has it natively, fp32 otherwise - never fp16 (overflow in Phi attention)
+        # in the course's precision (helpers.precision: bf16 / fp16 with fp32 attention scores / fp32)
         model, processor = load_assistant(checkpoint or ensure_assistant(profile, paths))
         loader = (lambda: speech.try_load_asr(profile)) if load_speech else (lambda: (None, "voice input is off"))
         return cls(model, processor, asr_loader=loader, max_new_tokens=profile.max_new_tokens)

@@ -13,6 +13,11 @@ Each source is a Hub id or a local path (:mod:`helpers.sources`); images are fet
 * **TinyStories** (parquet shards): only as many shards as the first ``n`` stories need (a sliced download: the
   first shard holds ~530k stories), read lazily.
 * **POPE** (``lmms-lab/POPE`` parquet, images embedded): ``n`` questions spread evenly over its three categories.
+  Its images are COCO val2014 images, most of them also in train2017 (hub_formats §12): their ids
+  (:func:`pope_image_ids`) are removed from stage 02's captions and stage 03's conversations when those are read for
+  training (``helpers.stages``), whatever was prepared or cached before.
+* **MMStar** (``Lin-Chen/MMStar``: one ``mmstar.parquet``, images embedded, the options inside the question text):
+  ``n`` questions spread evenly over its categories.
 
 Every prepared file carries a stamp of the settings it was made from; other settings (another source, revision or
 size) prepare it again instead of reusing a stale copy.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -31,6 +37,8 @@ from .sources import SourceError
 COCO_COLUMNS = ("file_name", "coco_url", "image_id", "captions")
 POPE_COLUMNS = ("question", "answer", "category", "image")
 POPE_CATEGORIES = ("adversarial", "popular", "random")
+MMSTAR_FILE = "mmstar.parquet"
+MMSTAR_COLUMNS = ("index", "question", "image", "answer", "category")
 HELD_OUT_PERCENT = 1  # LLaVA-Instruct: at least this percentage of the images is held out (see split_by_image)
 
 
@@ -222,30 +230,89 @@ def _story_shards(profile, spec: str):
 
 
 # ------------------------------------------------------------------------------------------------- POPE
+_COCO_NAME = re.compile(r"(?:COCO_[a-z]+\d{4}_)?0*(\d+)(?:\.(?:jpg|jpeg|png))?", re.IGNORECASE)
+
+
+def coco_image_id(name) -> int | None:
+    """The COCO image id in any of its spellings, None if `name` is not one: POPE's ``COCO_val2014_000000310196``
+    (with or without ``.jpg``), train2017's ``000000310196.jpg`` (also inside a path such as
+    ``coco/train2017/000000310196.jpg``) and a bare id (``310196``). val2014 and train2017 share the numeric ids
+    (hub_formats §12), so one id names one image in both."""
+    if isinstance(name, bool):
+        return None
+    if isinstance(name, int):
+        return name
+    match = _COCO_NAME.fullmatch(Path(str(name)).name)
+    return int(match.group(1)) if match else None
+
+
+def _pope_selection(profile, n: int, columns: tuple[str, ...]):
+    """The rows of the `n` questions POPE is asked (``n // 3`` per category, in file order), with `columns` only."""
+    spec = profile.pope_dataset
+    files = sources.parquet_files(sources.source_folder(profile, "pope"), "data/test-*.parquet", "pope", spec)
+    per_category = {c: 0 for c in POPE_CATEGORIES}
+    quota = max(1, n // len(POPE_CATEGORIES))
+
+    def wanted(row):
+        return per_category.get(row["category"], quota) < quota
+
+    for row in read_parquet_rows(files, columns, "pope", spec, where=wanted):
+        per_category[row["category"]] += 1
+        yield row
+        if all(v >= quota for v in per_category.values()):
+            return
+
+
+def pope_image_ids(profile, n: int | None = None) -> set[int]:
+    """The COCO image ids of the first `n` POPE questions (default ``profile.n_pope_questions``), exactly those
+    :func:`pope_questions` asks, read from the ``image_source`` column without decoding any image. Stages 02 and
+    03 leave these images out of training (``helpers.stages.drop_pope_images``)."""
+    n = profile.n_pope_questions if n is None else n
+    if not n or not profile.pope_dataset:
+        return set()
+    ids = set()
+    for row in _pope_selection(profile, n, ("category", "image_source")):
+        image_id = coco_image_id(row["image_source"] or "")
+        if image_id is None:
+            raise SourceError(f"{sources.setting_label('pope', profile.pope_dataset)}: image_source "
+                              f"{row['image_source']!r} names no COCO image (expected COCO_val2014_<12 digits>), so "
+                              "its image could not be kept out of training.")
+        ids.add(image_id)
+    return ids
+
+
+class _QuestionsCache:
+    """An evaluation's questions prepared once under `root` (questions.json + the settings they were made with)."""
+
+    def __init__(self, root: Path, spec, n: int):
+        self.out, self.stamp_file = root / "questions.json", root / "settings.json"
+        self.stamp = _stamp(source=spec, revision=_revision(spec), n=n)
+        self.rows = self._load(json.loads(self.out.read_text())) \
+            if _fresh(self.stamp_file, self.stamp, self.out) else None
+
+    @staticmethod
+    def _load(rows: list[dict]) -> list[dict]:
+        return [dict(r, image=Path(r["image"])) for r in rows]
+
+    def save(self, rows: list[dict]) -> list[dict]:
+        self.out.write_text(json.dumps(rows, indent=1))
+        self.stamp_file.write_text(self.stamp)
+        return self._load(rows)
+
+
+
 def pope_questions(profile, paths, n: int) -> list[dict]:
     """`n` POPE questions (``n // 3`` per category, in file order) with their image saved once to disk.
 
     Returns ``[{"question", "answer", "category", "image": Path, "question_id"}]``."""
     spec = profile.pope_dataset
     root = paths.root / "data" / "pope"
-    out = root / "questions.json"
-    stamp = _stamp(source=spec, revision=_revision(spec), n=n)
-    stamp_file = root / "settings.json"
-    if _fresh(stamp_file, stamp, out):
-        return [dict(r, image=Path(r["image"])) for r in json.loads(out.read_text())]
-    folder = sources.source_folder(profile, "pope")
-    files = sources.parquet_files(folder, "data/test-*.parquet", "pope", spec)
-    per_category = {c: 0 for c in POPE_CATEGORIES}
-    quota = max(1, n // len(POPE_CATEGORIES))
+    cached = _QuestionsCache(root, spec, n)
+    if cached.rows is not None:
+        return cached.rows
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-
-    def wanted(row):
-        return per_category.get(row["category"], quota) < quota
-
-    columns = POPE_COLUMNS + ("question_id", "image_source")
-    for row in read_parquet_rows(files, columns, "pope", spec, where=wanted):
-        per_category[row["category"]] += 1
+    for row in _pope_selection(profile, n, POPE_COLUMNS + ("question_id", "image_source")):
         image = row["image"] or {}
         name = f"{row.get('image_source') or row['question_id']}.jpg"
         target = root / "images" / name
@@ -255,8 +322,52 @@ def pope_questions(profile, paths, n: int) -> list[dict]:
             part.replace(target)
         rows.append({"question": row["question"], "answer": row["answer"].strip().lower(),
                      "category": row["category"], "image": str(target), "question_id": row.get("question_id")})
-        if all(v >= quota for v in per_category.values()):
-            break
-    out.write_text(json.dumps(rows, indent=1))
-    stamp_file.write_text(stamp)
-    return [dict(r, image=Path(r["image"])) for r in rows]
+    return cached.save(rows)
+
+
+# ----------------------------------------------------------------------------------------------- MMStar
+def spread_over(groups: dict, n: int) -> list:
+    """Up to `n` items taken in turn from each group (each group in its own order): as even as the groups allow."""
+    queues = [list(groups[key]) for key in sorted(groups)]
+    picked, k = [], 0
+    while len(picked) < n and any(k < len(q) for q in queues):
+        picked += [q[k] for q in queues if k < len(q)][: n - len(picked)]
+        k += 1
+    return picked
+
+
+def mmstar_questions(profile, paths, n: int) -> list[dict]:
+    """`n` MMStar questions spread over its categories (in turn, each category in file order) with their image saved
+    once under ``data/mmstar/images/``. The options are inside the question text (``...\nOptions: A: ..., B: ...``).
+
+    Returns ``[{"question", "answer" (a letter A-D), "category", "image": Path, "index"}]``."""
+    spec = profile.mmstar_dataset
+    root = paths.root / "data" / "mmstar"
+    cached = _QuestionsCache(root, spec, n)
+    if cached.rows is not None:
+        return cached.rows
+    files = [sources.source_file(profile, "mmstar", MMSTAR_FILE)]
+    by_category: dict[str, list] = {}
+    for row in read_parquet_rows(files, ("index", "category"), "mmstar", spec):
+        by_category.setdefault(row["category"], []).append(row["index"])
+    chosen = set(spread_over(by_category, n))
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows, skipped = [], 0
+    for row in read_parquet_rows(files, MMSTAR_COLUMNS, "mmstar", spec, where=lambda r: r["index"] in chosen):
+        data, answer = (row["image"] or {}).get("bytes"), (row["answer"] or "").strip().upper()
+        if not data or answer not in ("A", "B", "C", "D"):
+            skipped += 1
+            continue
+        target = root / "images" / (f"{row['index']}" + (".png" if data.startswith(b"\x89PNG") else ".jpg"))
+        if not target.exists():
+            part = target.with_name(target.name + ".part")
+            part.write_bytes(data)
+            part.replace(target)
+        rows.append({"question": row["question"], "answer": answer, "category": row["category"],
+                     "image": str(target), "index": row["index"]})
+    if not rows:
+        raise SourceError(f"{sources.setting_label('mmstar', spec)}: none of the {len(chosen)} chosen rows of "
+                          f"{files[0]} has an image and an answer A-D; expected {sources.SOURCES['mmstar'].what}.")
+    if skipped:
+        print(f"MMStar: {skipped} of {len(chosen)} chosen questions skipped (no image bytes or no answer A-D)")
+    return cached.save(rows)

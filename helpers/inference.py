@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from PIL import Image
 
-from . import reporting
+from . import precision, reporting
 from .chat_template import prompt_for_next_answer
 
 
@@ -62,15 +62,16 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
 
 def load_assistant(checkpoint):
     """The merged assistant of stage 03 with stock transformers, straight onto the device it runs on, in the
-    course's precision (bf16 on GPUs with native bf16, fp32 on a T4 or a CPU; never fp16), plus its processor.
+    course's precision (``helpers.precision``: bf16 on GPUs with native bf16, fp16 with fp32 attention scores on a
+    T4, fp32 on a CPU), plus its processor.
     Loading with ``device_map`` streams the safetensors shards to the GPU instead of building the model in host
     memory first."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .instruct import run_device_and_dtype
-
-    device, dtype = run_device_and_dtype()
-    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), dtype=dtype, device_map={"": device})
+    policy = precision.current()
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), dtype=policy.dtype,
+                                                        device_map=precision.device_map(),
+                                                        attn_implementation=policy.attention)
     return model.eval(), AutoProcessor.from_pretrained(str(checkpoint))
 
 
@@ -128,7 +129,7 @@ def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, 
             question = user["content"].split("\n", 1)[-1] if k == 0 else user["content"]
             prompt = prompt_for_next_answer(history, question, processor.tokenizer.eos_token)
             types = r.meta.get("types") or []
-            jobs.append((r.image, prompt, assistant["content"], types[k] if k < len(types) else "open", question))
+            jobs.append((r.image, prompt, assistant["content"], types[k] if k < len(types) else "open", question, k))
             history += [user, assistant]
     if batch_size is None:
         longest = max((len(processor.tokenizer(j[1])["input_ids"]) for j in jobs), default=0)
@@ -141,14 +142,18 @@ def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, 
         images = [Image.open(j[0]).convert("RGB") for j in chunk]
         images = [blank_like(im) for im in images] if blind else images
         answers = generate_answers(model, processor, images, [j[1] for j in chunk], max_new_tokens, batch_size)
-        for (path, _, expected, qtype, question), (pred, ended) in zip(chunk, answers):
-            rows.append({"image": path.name, "type": qtype, "question": question, "expected": expected,
+        for (path, _, expected, qtype, question, turn), (pred, ended) in zip(chunk, answers):
+            rows.append({"image": path.name, "type": qtype, "turn": turn, "question": question, "expected": expected,
                          "predicted": pred, "eos": ended,
                          "correct": judge(pred, expected) if judge else normalise(pred) == normalise(expected)})
-    by_type = defaultdict(list)
+    by_type, first_turn = defaultdict(list), defaultdict(list)
     for row in rows:
         by_type[row["type"]].append(row["correct"])
+        if row["turn"] == 0:  # no history that could carry the answer
+            first_turn[row["type"]].append(row["correct"])
     return {
+        "first_turn_accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(first_turn.items())},
+        "first_turn_count_by_type": {t: len(v) for t, v in sorted(first_turn.items())},
         "accuracy": sum(r["correct"] for r in rows) / len(rows),
         "accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
         "count_by_type": {t: len(v) for t, v in sorted(by_type.items())},

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .encoding import PadCollator
-from .training import CachedFeatureTrainer, bf16_supported, train, training_arguments
+from . import precision
+from .training import CachedFeatureTrainer, train, training_arguments
 
 SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|dense|fc1|fc2)"
@@ -20,16 +21,16 @@ def quantization_config():
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float32,
+                              bnb_4bit_compute_dtype=precision.current().dtype,  # bf16 / fp16 / fp32
                               llm_int8_skip_modules=SKIP_QUANTIZATION)
 
 
 def load_4bit_llava(checkpoint):
     from transformers import LlavaForConditionalGeneration
 
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     model = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), quantization_config=quantization_config(),
-                                                          device_map=device_map)
+                                                          device_map=precision.device_map(),
+                                                          attn_implementation=precision.current().attention)
     model.model.multi_modal_projector.float()
     model.model.vision_tower.float()
     if not torch.cuda.is_available():
@@ -156,22 +157,6 @@ def effective_weight(layer) -> torch.Tensor:
     return out.T
 
 
-def export_device_and_dtype() -> tuple[str, torch.dtype]:
-    """Where and in which precision the merged assistant is built and stored: on the GPU in bf16 (half the bytes of
-    fp32; a T4 upcasts it to fp32 when it loads it, see :func:`run_device_and_dtype`), on the CPU in fp32."""
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}", torch.bfloat16
-    return "cpu", torch.float32
-
-
-def run_device_and_dtype() -> tuple[str, torch.dtype]:
-    """Where and in which precision the assistant answers: bf16 on GPUs with native bf16, fp32 on a T4 (never fp16,
-    which overflows in Phi attention) and on a CPU."""
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.current_device()}", torch.bfloat16 if bf16_supported() else torch.float32
-    return "cpu", torch.float32
-
-
 def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
@@ -190,15 +175,16 @@ def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype: torch.
     Each quantized weight is dequantized (the values the adapters were trained against) and its LoRA delta added;
     the trained projector copy replaces the original. The result loads with stock transformers.
 
-    The merged model is built where it will be used (:func:`export_device_and_dtype`: on the GPU in bf16, loaded
-    straight from the safetensors shards with ``device_map``), so the host never holds a full-precision copy of the
-    LLM (Phi-2 in fp32 would be ~11 GB: more than a Colab runtime's RAM). The memory each step needs is printed.
+    The merged model is built where it will be used, in the precision it answers in (``helpers.precision``: bf16
+    or fp16 on a GPU, loaded straight from the safetensors shards with ``device_map``; fp32 on a CPU), so the host
+    never holds a full-precision copy of the LLM (Phi-2 in fp32 would be ~11 GB: more than a Colab runtime's RAM).
+    The memory each step needs is printed.
     """
     from peft.tuners.lora import LoraLayer
     from transformers import LlavaForConditionalGeneration
 
-    auto_device, auto_dtype = export_device_and_dtype()
-    device, dtype = device or auto_device, dtype or auto_dtype
+    policy = precision.current()
+    device, dtype = device or policy.device, dtype or policy.dtype
     wrapped = peft_model.get_base_model()
     n_params = sum(p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)  # 4-bit: 2 per byte
                    for n, p in wrapped.named_parameters() if "lora_" not in n and "modules_to_save" not in n)

@@ -16,11 +16,16 @@ only shapes and dtypes. From that model it reads
 * **activations** – *measured*, not guessed: one training forward of the meta model (batch x sequence length, loss
   included) runs under ``torch.autograd.graph.saved_tensors_hooks`` and adds up every tensor autograd keeps for the
   backward pass (views and parameters are not counted twice). Because meta tensors have no CUDA semantics, two GPU
-  behaviours are emulated: bf16 mixed precision (``Trainer(bf16=True)`` -> ``torch.autocast``: matmuls in bf16,
-  layer norm / softmax / pow / losses in fp32, following PyTorch's autocast op lists) and the attention kernel
-  (memory-efficient SDPA keeps q, k, v, the output and a padding bias; where it is unavailable – bf16 on a T4 – the
-  math kernel keeps the B x heads x T x T fp32 probabilities). With gradient checkpointing only each decoder layer's
-  input survives the forward pass; one layer is recomputed at a time in the backward pass.
+  behaviours are emulated: mixed precision (``Trainer(bf16=True)`` or ``Trainer(fp16=True)`` -> ``torch.autocast``:
+  matmuls in bf16 / fp16, layer norm / softmax / pow / losses in fp32, following PyTorch's autocast op lists; a
+  ``torch.autocast(..., enabled=False)`` region is honoured) and the attention kernel (memory-efficient SDPA keeps
+  q, k, v, the output and a padding bias; where it is unavailable – bf16 forced on a T4 – the math kernel keeps the
+  B x heads x T x T fp32 probabilities). In fp16 (a T4, a V100: ``helpers.precision``) the meta model runs Phi's
+  attention with the course's own function, ``precision.fp32_score_attention``: it upcasts q, k and v to fp32
+  copies with autocast off, so SDPA keeps those fp32 copies, its fp32 output and an fp32 bias for the backward
+  (twice the attention's bytes of bf16); everything else holds what bf16 autocast holds. With gradient
+  checkpointing only each decoder layer's input survives the forward pass; one layer is recomputed at a time in
+  the backward pass.
 * **the peak is one moment of the step, not a sum** – measured on an H200, stage 03's peak was the same for both
   attention kernels (so not inside a layer) and grew by 0.92 GiB per 1024-token row: the moment the backward pass
   starts at the loss, when everything the layers kept, the fp32 log-softmax the loss saved and the two fp32
@@ -66,11 +71,12 @@ GiB = 1024 ** 3
 class GPU:
     name: str
     memory_gib: float  # what torch.cuda.get_device_properties().total_memory reports (ECC on), in GiB
-    native_bf16: bool  # compute capability >= 8.0; below it bf16 is emulated and SDPA falls back to "math"
+    native_bf16: bool  # compute capability >= 8.0; below it bf16 is emulated: the course trains in fp16 there
 
 
 GPUS = {
     "T4": GPU("NVIDIA T4 16 GB (Colab, SageMaker g4dn)", 14.75, native_bf16=False),
+    "V100-16GB": GPU("NVIDIA V100 16 GB (AWS p3, GCP)", 15.78, native_bf16=False),
     "L4": GPU("NVIDIA L4 24 GB (Colab, GCP g2)", 22.05, native_bf16=True),
     "A10G": GPU("NVIDIA A10G 24 GB (AWS g5, SageMaker)", 22.05, native_bf16=True),
     "A100-40GB": GPU("NVIDIA A100 40 GB", 39.39, native_bf16=True),
@@ -242,12 +248,22 @@ def _stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: 
     return _build_stage_model(profile, stage, compute_dtype, load_in_4bit, lora_r)
 
 
+def attention_for(compute_dtype: torch.dtype) -> str:
+    """The attention implementation the course builds its models with when it trains in `compute_dtype`
+    (``helpers.precision.Precision.attention``: the fp32-score attention in fp16, stock SDPA otherwise)."""
+    from . import precision
+
+    name = {dtype: name for name, dtype in precision.DTYPES.items()}[compute_dtype]
+    return precision.Precision(name, "meta").attention
+
+
 def _build_stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: bool, lora_r: int | None):
     profile = _profile(profile)
     stage = _stage(stage)
     if stage == "projection":
-        # helpers.projection.build_projection_model: LLM in llm_dtype(), CLIP tower in fp32, projector fp32
+        # helpers.projection.build_projection_model: LLM in the precision's dtype, CLIP tower in fp32, projector fp32
         model = meta_llava(profile, compute_dtype)
+        model.set_attn_implementation(attention_for(compute_dtype))
         model.model.vision_tower.float()
         model.model.multi_modal_projector.float()
         model.requires_grad_(False)
@@ -260,6 +276,7 @@ def _build_stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_
     if lora_r is not None:
         profile = profile.replace(lora_r=lora_r, lora_alpha=2 * lora_r)
     model = meta_llava(profile, compute_dtype)
+    model.set_attn_implementation(attention_for(compute_dtype))  # helpers.instruct.load_4bit_llava
     quantized = set(_quantized_linear_names(model))
     with torch.device("meta"), _quiet():
         model = add_lora(model, profile.replace(gradient_checkpointing=False))
@@ -310,16 +327,27 @@ def _cast_floats(obj, frm: tuple, to: torch.dtype):
 
 
 class _CudaSemantics(TorchFunctionMode):
-    """Emulates, on meta tensors, what changes memory on a GPU: autocast casts and the SDPA kernel choice."""
+    """Emulates, on meta tensors, what changes memory on a GPU: autocast casts and the SDPA kernel choice.
 
-    def __init__(self, autocast_dtype: torch.dtype | None, attention: str):
+    ``autocast_enabled`` is False inside ``torch.autocast("meta", enabled=False)`` (see :func:`_meta_autocast`): the
+    region where ``helpers.precision.fp32_score_attention`` runs SDPA on fp32 copies, as CUDA autocast would leave
+    it. ``fp32_attention`` (a model built with that attention): SDPA is never autocast, whatever dtype q, k, v
+    arrive in. That is the policy's promise (attention in fp32); the function itself keeps it for half-precision
+    inputs only: in stage 03 the 4-bit layers return fp32 (their input's dtype, after the fp32 layer norm), and for
+    fp32 inputs it calls stock SDPA with autocast on, which runs it in fp16. The plan holds the fp32 attention the
+    policy promises (more memory and time than fp16 SDPA: the safe side)."""
+
+    def __init__(self, autocast_dtype: torch.dtype | None, attention: str, fp32_attention: bool = False):
         super().__init__()
-        self.autocast_dtype, self.attention = autocast_dtype, attention
+        self.autocast_dtype, self.attention, self.fp32_attention = autocast_dtype, attention, fp32_attention
+        self.autocast_enabled = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if self.autocast_dtype is not None:
+        if self.fp32_attention and name == "scaled_dot_product_attention":
+            pass  # never autocast (see the class docstring)
+        elif self.autocast_dtype is not None and self.autocast_enabled:
             if name in _AUTOCAST_LOWER:
                 args = _cast_floats(args, (torch.float32,), self.autocast_dtype)
                 kwargs = {k: _cast_floats(v, (torch.float32,), self.autocast_dtype) for k, v in kwargs.items()}
@@ -331,6 +359,38 @@ class _CudaSemantics(TorchFunctionMode):
         if name == "dropout":
             return _cuda_dropout(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _meta_autocast(semantics: _CudaSemantics):
+    """Within it ``torch.autocast("meta", enabled=False)`` (which PyTorch rejects: meta has no autocast) switches
+    the emulated autocast of `semantics` off for its block, as ``torch.autocast("cuda", enabled=False)`` does on a
+    GPU; ``enabled=True`` leaves the emulation as it is. Other devices get the real torch.autocast. Only code that
+    names the device itself is affected (the course's fp32 attention: ``query.device.type``); transformers'
+    ``maybe_autocast`` skips meta on its own."""
+    real = torch.autocast
+
+    class _Autocast:
+        def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+            self.meta, self.enabled = device_type == "meta", enabled
+            self.inner = None if self.meta else real(device_type, dtype=dtype, enabled=enabled,
+                                                     cache_enabled=cache_enabled)
+
+        def __enter__(self):
+            if not self.meta:
+                return self.inner.__enter__()
+            self.saved = semantics.autocast_enabled
+            semantics.autocast_enabled = self.saved and self.enabled
+            return self
+
+        def __exit__(self, *exc):
+            if not self.meta:
+                return self.inner.__exit__(*exc)
+            semantics.autocast_enabled = self.saved
+            return False
+
+    with unittest.mock.patch.object(torch, "autocast", _Autocast):
+        yield
 
 
 class _DropoutWithBoolMask(torch.autograd.Function):
@@ -418,7 +478,9 @@ def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch
                   recompute_loss: bool = True) -> torch.Tensor:
     """One training forward with its loss, as the course runs it, on a meta (or real) LLaVA: `batch_size` rows of
     `seq_length` tokens starting with the image placeholders, vision features through the projector
-    (``helpers.training.project_cached_features``), bf16 autocast and the SDPA kernel emulated on meta.
+    (``helpers.training.project_cached_features``), autocast in `autocast_dtype` (bf16 or fp16; None = fp32) and the
+    SDPA kernel emulated on meta. The model's own attention implementation runs (the course's fp32-score attention
+    in an fp16 stage model, see :func:`attention_for`).
 
     ``loss="model"``: the model's own loss (labels = input ids, full logits). ``loss="answer"``: the answer-only
     chunked loss of ``helpers.training.answer_only_loss``, with ``answer_fraction`` of the positions as targets
@@ -447,7 +509,11 @@ def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch
         # without an attention mask transformers looks for packed sequences in the position ids (.item() again)
         no_packing = unittest.mock.patch("transformers.masking_utils.find_packed_sequence_indices",
                                          lambda position_ids: None)
-        with no_packing, _CudaSemantics(autocast_dtype, attention):
+        from .precision import FP32_ATTENTION
+
+        semantics = _CudaSemantics(autocast_dtype, attention,
+                                   fp32_attention=config.text_config._attn_implementation == FP32_ATTENTION)
+        with no_packing, semantics, _meta_autocast(semantics):
             mm = project_cached_features(model, features)
             if loss == "model":
                 out = model(input_ids=ids, labels=ids, mm_encoder_outputs=mm, use_cache=False)
@@ -577,7 +643,7 @@ class MemoryPlan:
     batch_size: int
     seq_length: int
     gradient_checkpointing: bool
-    precision: str  # "bf16 autocast" or "fp32"
+    precision: str  # "bf16 autocast", "fp16 autocast" (attention in fp32) or "fp32"
     attention: str  # "efficient" or "math"
     load_in_4bit: bool
     parameters: dict[str, int]
@@ -706,6 +772,22 @@ def _gpu(gpu) -> GPU:
     return gpu if isinstance(gpu, GPU) else gpu_by_name(GPUS, gpu)
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def precision_for(gpu, precision: str = "auto") -> str:
+    """The precision a stage trains in on `gpu`: ``"auto"`` is the course's policy (``helpers.precision.choose``:
+    bf16 where the GPU has native bf16, fp16 otherwise); "bf16", "fp16" or "fp32" are taken as given."""
+    if precision == "auto":
+        from .precision import choose
+
+        return choose(cuda=True, bf16=_gpu(gpu).native_bf16)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, not {precision!r}")
+    return precision
+
+
 def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: int | None = None,
                 seq_length: int | None = None, gradient_checkpointing: bool | None = None,
                 precision: str = "auto", load_in_4bit: bool = True, lora_r: int | None = None,
@@ -715,12 +797,16 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
 
     Defaults are the profile's own settings: its batch size and gradient accumulation, its ``max_length`` (the
     longest batch the collator can produce), its gradient checkpointing flag and LoRA rank. ``precision="auto"`` is
-    what the course does on that GPU (``helpers.training.bf16_supported()``): bf16 (LLM stored in bf16, Trainer's
-    bf16 autocast) where the GPU has native bf16, fp32 on a T4 (whose bf16 is only emulated; never fp16, which
-    overflows in Phi attention). ``attention="auto"`` picks the memory-efficient SDPA kernel, or the math kernel for
-    bf16 on GPUs without native bf16 (only when bf16 is forced there). ``loss="answer"`` is the course's loss (``helpers.training.answer_only_loss``), ``"model"`` the
-    model's own loss over full logits; ``answer_fraction`` is the share of positions that are answer tokens (1 = the
-    worst case).
+    what the course does on that GPU (``helpers.precision.choose``): bf16 (LLM stored in bf16, Trainer's bf16
+    autocast) where the GPU has native bf16; fp16 on a T4 or a V100 (frozen LLM and the 4-bit layers' compute in
+    fp16, Trainer's fp16 autocast with a gradient scaler, Phi's attention in fp32 by
+    ``helpers.precision.fp32_score_attention``, whose fp32 copies of q, k, v and fp32 output are planned). ``"bf16"``,
+    ``"fp16"`` and ``"fp32"`` can be asked for on any GPU (``MMPHI_PRECISION``). No fp32 master weights in any of
+    them: every trainable parameter is fp32 (the fp16 gradient scaler unscales fp32 gradients in place).
+    ``attention="auto"`` picks the memory-efficient SDPA kernel (fp32 has it on every GPU), or the math kernel for
+    bf16 on GPUs without native bf16 (only when bf16 is forced there). ``loss="answer"`` is the course's loss
+    (``helpers.training.answer_only_loss``), ``"model"`` the model's own loss over full logits; ``answer_fraction``
+    is the share of positions that are answer tokens (1 = the worst case).
 
     The peak is the larger of two moments of a step (the measured GPU peaks of the course's stages are one or the
     other): the start of the backward pass at the loss, and the backward pass through the decoder layers. See
@@ -734,11 +820,8 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     grad_accum = spec.grad_accum if grad_accum is None else grad_accum
     checkpointing = profile.checkpointing(stage_name) if gradient_checkpointing is None else gradient_checkpointing
     card = _gpu(gpu)
-    if precision == "auto":
-        precision = "bf16" if card.native_bf16 else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError("precision must be 'auto', 'bf16' or 'fp32' (fp16 overflows in Phi attention)")
-    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    precision = precision_for(card, precision)
+    compute_dtype = PRECISION_DTYPES[precision]
     if attention == "auto":
         attention = "math" if (precision == "bf16" and not card.native_bf16) else "efficient"
 
@@ -766,12 +849,13 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     master_bytes = sum(p.numel() * 4 for p in trainable if p.dtype != torch.float32)
 
     acts = planned_activations(profile, stage_name, compute_dtype, load_in_4bit, lora_r, batch_size, seq_length,
-                               precision == "bf16", attention, loss, answer_fraction)
+                               precision != "fp32", attention, loss, answer_fraction)
 
     assumptions = [
         f"trainable parameters fp32; AdamW 2 fp32 states each; fp32 master copies: "
         f"{'none needed' if not master_bytes else 'yes'}",
-        "activations measured on the meta model (saved-tensor hooks), bf16 autocast and SDPA kernel emulated",
+        f"activations measured on the meta model (saved-tensor hooks), "
+        f"{'no autocast' if precision == 'fp32' else precision + ' autocast'} and the SDPA kernel emulated",
         f"every row padded to seq_length={seq_length} (the worst case; length-balanced batches pad little)",
         "peak = the larger of the loss moment and the layer backward; gradients kept between micro-batches when "
         f"accumulating (grad_accum={grad_accum}); {ACTIVATION_MARGIN:.0%} allowance on the step's activations",
@@ -786,9 +870,13 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
                               "parameters fp32 after peft.prepare_model_for_kbit_training")
     if precision == "bf16" and not card.native_bf16:
         assumptions.append(f"{card.name}: bf16 is emulated (no bf16 tensor cores) and SDPA uses the math kernel")
+    if precision == "fp16":
+        assumptions.append("fp16: Phi's attention runs in fp32 (helpers.precision.fp32_score_attention): its fp32 "
+                           "copies of q, k, v, fp32 output and bias are kept for the backward; the gradient scaler "
+                           "unscales the fp32 gradients in place (no master weights)")
     return MemoryPlan(profile=profile.name, stage=stage_name, gpu=card.name, gpu_gib=card.memory_gib,
                       batch_size=batch_size, seq_length=seq_length, gradient_checkpointing=checkpointing,
-                      precision="bf16 autocast" if precision == "bf16" else "fp32", attention=attention,
+                      precision="fp32" if precision == "fp32" else f"{precision} autocast", attention=attention,
                       load_in_4bit=stage_name == "instruct" and load_in_4bit, parameters=counts,
                       weight_bytes=weights, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
                       master_weight_bytes=master_bytes,
@@ -890,7 +978,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-length", type=int)
     parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
     parser.add_argument("--grad-accum", type=int, help="default: the profile's")
     parser.add_argument("--loss", default="answer", choices=list(LOSSES))
     parser.add_argument("--attention", default="auto", choices=["auto", "efficient", "math"])

@@ -36,6 +36,7 @@ class Record:
 class LoadReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    pope_heldout: dict = field(default_factory=dict)  # evaluated POPE images removed on purpose (helpers.stages)
 
     def skip(self, reason: str):
         self.skipped[reason] += 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from . import precision
 from .modeling import new_phi_lm
 from .training import training_arguments
 
@@ -123,6 +124,7 @@ def pretrain(profile, paths, tok, documents: list[str], callbacks=None, resume=N
     packed = pack_documents(tok, documents, profile.pretrain_block_size)
     train_blocks, heldout = split_blocks(packed, seed=profile.seed)
     model = new_phi_lm(profile.pretrain_phi, tok, seed=profile.seed)
+    model.set_attn_implementation(precision.current().attention)  # fp32 scores under a T4's fp16 autocast
     initial = mean_loss(model, heldout)
     args = training_arguments(profile.pretrain, paths.stage_dir("01_pretrain") / "trainer", profile.seed,
                               n_examples=len(train_blocks[0]), save_steps=save_steps)

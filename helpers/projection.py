@@ -11,13 +11,9 @@ import torch
 from .encoding import PadCollator
 from .modeling import assemble_llava, count_parameters, freeze
 from .multimodal_data import ConversationDataset
-from .training import CachedFeatureTrainer, bf16_supported, train, training_arguments
+from . import precision
+from .training import CachedFeatureTrainer, train, training_arguments
 from .vision import cache_features, load_vision_tower
-
-
-def llm_dtype() -> torch.dtype:
-    """bf16 where the GPU supports it; fp32 otherwise (fp16 overflows in Phi attention)."""
-    return torch.bfloat16 if bf16_supported() else torch.float32
 
 
 def load_base_lm(profile, paths):
@@ -32,8 +28,9 @@ def load_base_lm(profile, paths):
     else:
         raise FileNotFoundError(f"No base LM at {paths.base_lm}: run 01_pretrain_phi.ipynb first "
                                 "(or helpers.stages.ensure_base_lm).")
-    lm = PhiForCausalLM.from_pretrained(str(source), dtype=llm_dtype())
-    return lm.to("cuda") if torch.cuda.is_available() else lm
+    policy = precision.current()  # frozen LLM in bf16 / fp16 on a GPU, fp32 on a CPU
+    return PhiForCausalLM.from_pretrained(str(source), dtype=policy.dtype, attn_implementation=policy.attention,
+                                          device_map=precision.device_map())
 
 
 def build_projection_model(profile, paths, tok):
@@ -42,6 +39,7 @@ def build_projection_model(profile, paths, tok):
     tower, processor = load_vision_tower(profile, paths)
     tower = tower.to(lm.device)
     model = assemble_llava(lm, tower, tok, profile, seed=profile.seed).to(lm.device)
+    model.set_attn_implementation(precision.current().attention)
     freeze(model)
     model.model.multi_modal_projector.requires_grad_(True)
     if profile.checkpointing("projection"):

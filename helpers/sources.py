@@ -1,7 +1,7 @@
 """Where the full profile's checkpoints and data sets come from: a Hub id or a local path, one setting each.
 
 Every source (``helpers.config.SOURCES``: Phi-2, CLIP, COCO captions and images, LLaVA-Instruct, TinyStories,
-Whisper, POPE) is a string that is either
+Whisper, POPE, MMStar) is a string that is either
 
 * a **local path** (absolute, ``./``, ``~``, or any path that exists): used as it is, after a check that it holds
   what the course expects; or

@@ -122,7 +122,10 @@ def caption_records(profile, paths, split: str):
     from .hub_data import coco_caption_files
 
     annotation_file, image_dir = coco_caption_files(profile, paths, split)  # n_train_samples *images*
-    return read_coco_captions(annotation_file, image_dir)
+    records, report = read_coco_captions(annotation_file, image_dir)
+    if split == "train":
+        records = drop_pope_images(profile, records, report, "stage 02's training captions", "captions")
+    return records, report
 
 
 def instruct_records(profile, paths, split: str):
@@ -134,7 +137,33 @@ def instruct_records(profile, paths, split: str):
     from .hub_data import llava_instruct_files
 
     json_file, image_dir = llava_instruct_files(profile, paths, split)  # split by image, sizes from the profile
-    return read_llava_instruct(json_file, image_dir)
+    records, report = read_llava_instruct(json_file, image_dir)
+    if split == "train":
+        records = drop_pope_images(profile, records, report, "stage 03's training conversations", "conversations")
+    return records, report
+
+
+def drop_pope_images(profile, records, report, where: str, unit: str):
+    """`records` without those about an image POPE is asked about (``hub_data.pope_image_ids``: COCO val2014 ids,
+    most of them also train2017 images), so POPE measures images the model has never been trained on.
+
+    Applied to the records read for training, after whatever ``hub_data`` prepared or cached, so no earlier
+    preparation can bring them back. What was removed is printed and kept in ``report.pope_heldout``
+    ({"evaluated_images", "images", <unit>}), which the stages record as ``pope_heldout_removed``."""
+    from .hub_data import coco_image_id, pope_image_ids
+
+    evaluated = pope_image_ids(profile)
+    if not evaluated:
+        return records
+    kept, removed = [], []
+    for r in records:
+        ids = {coco_image_id(r.meta.get("image_id")), coco_image_id(r.image.name)}
+        (removed if ids & evaluated else kept).append(r)
+    images = {r.image.name for r in removed}
+    report.pope_heldout = {"evaluated_images": len(evaluated), "images": len(images), unit: len(removed)}
+    print(f"POPE: removed {len(images)} images ({len(removed)} {unit}) of the {len(evaluated)} evaluated POPE "
+          f"images from {where}", flush=True)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------- stage 01
@@ -172,11 +201,11 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     if profile.llm_checkpoint:  # full: Phi-2's own loss on the very same held-out blocks
         from transformers import AutoModelForCausalLM
 
-        from .projection import llm_dtype
+        from .precision import current, device_map
         from .sources import model_path
 
-        phi2 = AutoModelForCausalLM.from_pretrained(model_path(profile, "phi2"), dtype=llm_dtype(),
-                                                    device_map="cuda" if torch.cuda.is_available() else None)
+        phi2 = AutoModelForCausalLM.from_pretrained(model_path(profile, "phi2"), dtype=current().dtype,
+                                                    attn_implementation=current().attention, device_map=device_map())
         metrics["phi2_heldout_loss"] = mean_loss(phi2, heldout, batch_size=4)
         del phi2
         from .training import free_accelerator_memory
@@ -315,6 +344,8 @@ def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None 
                * profile.projection.grad_accum * trainer.args.world_size,
                "sample_exact_captions": sum(r["exact"] for r in rows) / max(len(rows), 1),
                **run_figures(trainer), "seconds": time.perf_counter() - start}
+    if train_report.pope_heldout:  # the evaluated POPE images left out of training (drop_pope_images)
+        metrics["pope_heldout_removed"] = train_report.pope_heldout
     reporting.write_metrics(paths.metrics, "02_projection", metrics)
     return StageResult(metrics, {"train loss": loss_history(trainer)}, rows,
                        {"model": model, "processor": processor, "val_dataset": val_dataset, "val": val})
@@ -339,7 +370,8 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
 
     from .chat_template import prompt_for_next_answer
     from .inference import load_assistant
-    from .instruct import (add_lora, check_export, export_device_and_dtype, export_merged, load_4bit_llava,
+    from .precision import current
+    from .instruct import (add_lora, check_export, export_merged, load_4bit_llava,
                            prompt_logits, quantized_module_names, sample_answers_callback, train_instruct)
     from .modeling import count_parameters
     from .projection import feature_table, make_dataset
@@ -390,12 +422,14 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     free_accelerator_memory()
     merged, processor = load_assistant(paths.assistant)
     export_check = check_export(trained_logits, merged, processor, probe_image, probe_prompt,
-                                stored_dtype=export_device_and_dtype()[1])
+                                stored_dtype=current().dtype)
     print(f"the export reloaded from {paths.assistant} answers like the trained model: logits within "
           f"{export_check['relative']:.2%} (tolerance {export_check['tolerance']:.2%})")
     metrics = {"steps": steps, "n_train_conversations": len(dataset), "skipped_records": dict(train_report.skipped),
                "export_check": export_check, "quantized_linear_layers": n_quantized, "trainable_parameters": trainable,
                "total_parameters": total, "train_seconds": train_seconds, **figures}
+    if train_report.pope_heldout:  # the evaluated POPE images left out of training (drop_pope_images)
+        metrics["pope_heldout_removed"] = train_report.pope_heldout
     rows = []
     if all(r.meta.get("types") for r in val):  # the tiny world: short answers of known types, exact match
         from .inference import evaluate_conversations
@@ -406,21 +440,38 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                        heldout_questions_by_type=result["count_by_type"], eos_rate=result["eos_rate"],
                        n_heldout_questions=result["n_questions"])
         blind = evaluate_conversations(merged, processor, val, max_new_tokens=profile.max_new_tokens, blind=True)
-        metrics.update(blind_accuracy=blind["accuracy"], blind_accuracy_by_type=blind["accuracy_by_type"])
+        from .world import blind_chance_by_type, vocabulary
+
+        metrics.update(blind_accuracy=blind["accuracy"], blind_accuracy_by_type=blind["accuracy_by_type"],
+                       blind_first_turn_accuracy_by_type=blind["first_turn_accuracy_by_type"],
+                       first_turn_count_by_type=blind["first_turn_count_by_type"],
+                       first_turn_accuracy_by_type=result["first_turn_accuracy_by_type"],
+                       blind_chance_by_type=blind_chance_by_type(vocabulary(profile.world.world_seed)))
     elif profile.n_freeform_questions:  # LLaVA-Instruct: free-form answers, judged by a documented rule
         from .evaluation import evaluate_freeform
 
         result = evaluate_freeform(merged, processor, val, profile.n_freeform_questions, profile.max_new_tokens)
         rows = result.pop("rows")
         metrics.update({f"freeform_{k}": v for k, v in result.items()})
-    if profile.n_pope_questions and profile.pope_dataset:
+    if profile.n_pope_questions and profile.pope_dataset:  # real images, then the same questions blind
         from .evaluation import evaluate_pope
         from .hub_data import pope_questions
 
-        pope = evaluate_pope(merged, processor, pope_questions(profile, paths, profile.n_pope_questions))
-        metrics["pope"] = pope["metrics"]
+        questions = pope_questions(profile, paths, profile.n_pope_questions)
+        pope = [evaluate_pope(merged, processor, questions, blind=blind) for blind in (False, True)]
+        metrics["pope"], metrics["pope_blind"] = pope[0]["metrics"], pope[1]["metrics"]
         paths.metrics.mkdir(parents=True, exist_ok=True)
-        (paths.metrics / "03_pope_answers.json").write_text(json.dumps(pope["rows"], indent=1))
+        (paths.metrics / "03_pope_answers.json").write_text(json.dumps(pope[0]["rows"] + pope[1]["rows"], indent=1))
+    if profile.n_mmstar_questions and profile.mmstar_dataset:  # real images, then the same questions blind
+        from .evaluation import evaluate_mmstar
+        from .hub_data import mmstar_questions
+
+        questions = mmstar_questions(profile, paths, profile.n_mmstar_questions)
+        mmstar = [evaluate_mmstar(merged, processor, questions, blind=blind) for blind in (False, True)]
+        metrics["mmstar"], metrics["mmstar_blind"] = mmstar[0]["metrics"], mmstar[1]["metrics"]
+        paths.metrics.mkdir(parents=True, exist_ok=True)
+        (paths.metrics / "03_mmstar_answers.json").write_text(json.dumps(mmstar[0]["rows"] + mmstar[1]["rows"],
+                                                                         indent=1))
     metrics["seconds"] = time.perf_counter() - start
     reporting.write_metrics(paths.metrics, "03_qlora_instruct", metrics)
     (paths.metrics / "03_heldout_answers.json").write_text(json.dumps(rows, indent=1, default=str))

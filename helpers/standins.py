@@ -1,7 +1,7 @@
 """Stand-ins for every Hub source the full profile reads: real file formats, random weights, synthetic content.
 
 The full profile reads Phi-2, CLIP ViT-B/32, phiyodr/coco2017 (+ the COCO images behind its URLs),
-LLaVA-Instruct-150K, TinyStories, POPE and an openai-whisper checkpoint. This module writes local copies of all
+LLaVA-Instruct-150K, TinyStories, POPE, MMStar and an openai-whisper checkpoint. This module writes local copies of all
 of them *in the exact formats of the real repos* (file names, JSON keys and layout, parquet schemas, README YAML,
 shard names, safetensors/``.pt`` containers), but with random weights and synthetic data, so the full profile can
 be rehearsed offline. Every writer names the section of ``/work/shared/hub_formats.md`` it follows.
@@ -41,7 +41,7 @@ from pathlib import Path
 from . import world
 from .asr import sha256_file
 
-STANDINS_VERSION = 1
+STANDINS_VERSION = 2  # 2: POPE's images overlap the train2017 stand-in, as in reality
 ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------- repos and revisions
@@ -51,6 +51,7 @@ COCO_REPO = "phiyodr/coco2017"
 LLAVA_REPO = "liuhaotian/LLaVA-Instruct-150K"
 TINYSTORIES_REPO = "roneneldan/TinyStories"
 POPE_REPO = "lmms-lab/POPE"
+MMSTAR_REPO = "Lin-Chen/MMStar"
 
 PHI2_REVISION = "ef382358ec9e382308935a992d908de099b64c23"  # the real `main` of microsoft/phi-2 (hub_formats §0.1)
 #: Snapshot folder (commit sha) of each repo in the stand-in hub cache; pass as ``revision=`` to pin it.
@@ -62,17 +63,20 @@ STANDIN_REVISIONS = {
     LLAVA_REPO: "5a1c0ffee5a1c0ffee5a1c0ffee5a1c0ffee0003",
     TINYSTORIES_REPO: "5a1c0ffee5a1c0ffee5a1c0ffee5a1c0ffee0004",
     POPE_REPO: "5a1c0ffee5a1c0ffee5a1c0ffee5a1c0ffee0005",
+    MMSTAR_REPO: "5a1c0ffee5a1c0ffee5a1c0ffee5a1c0ffee0006",
 }
 REPO_TYPES = {PHI2_REPO: "model", CLIP_REPO: "model", COCO_REPO: "dataset", LLAVA_REPO: "dataset",
-              TINYSTORIES_REPO: "dataset", POPE_REPO: "dataset"}
+              TINYSTORIES_REPO: "dataset", POPE_REPO: "dataset", MMSTAR_REPO: "dataset"}
 SETTING_REPOS = {"MMPHI_PHI2": PHI2_REPO, "MMPHI_CLIP": CLIP_REPO, "MMPHI_COCO": COCO_REPO,
-                 "MMPHI_LLAVA_INSTRUCT": LLAVA_REPO, "MMPHI_TINYSTORIES": TINYSTORIES_REPO, "MMPHI_POPE": POPE_REPO}
+                 "MMPHI_LLAVA_INSTRUCT": LLAVA_REPO, "MMPHI_TINYSTORIES": TINYSTORIES_REPO, "MMPHI_POPE": POPE_REPO,
+                 "MMPHI_MMSTAR": MMSTAR_REPO}
 
 COCO_FILES = {"train": "data/train-00000-of-00001-0084e041f1902997.parquet",
               "validation": "data/validation-00000-of-00001-e3c37e369512a3aa.parquet"}
 TINYSTORIES_TRAIN_HASHES = ("2d5a1467fff1081b", "5852b56a2bd28fd9", "a26307300439e943", "d243063613e5a057")
 TINYSTORIES_VALIDATION_FILE = "data/validation-00000-of-00001-869c898b519ad725.parquet"
 POPE_FILES = tuple(f"data/test-{i:05d}-of-00003.parquet" for i in range(3))
+MMSTAR_FILE = "mmstar.parquet"
 LLAVA_FILE = "llava_instruct_150k.json"
 WHISPER_FILE = "whisper/small.pt"
 
@@ -93,6 +97,7 @@ OMITTED = {
                                  "MLP_input_output.npy", "Evaluation prompts.yaml"],
                        "why": "datasets reads the parquet files only (hub_formats §6)"},
     POPE_REPO: {"files": ["Full/..."], "why": "only the default config (data/test-*) is written"},
+    MMSTAR_REPO: {"files": ["MMStar.tsv"], "why": "the course reads mmstar.parquet only (hub_formats §11)"},
 }
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -119,6 +124,7 @@ class StandinSpec:
     tinystories_validation: int
     pope_images: int
     pope_questions_per_image: int  # per category, half "yes" and half "no"
+    mmstar_questions_per_category: int  # MMStar: six categories (the real set has 250 each)
     seed: int = 2024
 
     def signature(self) -> dict:
@@ -150,7 +156,7 @@ def spec_for(size: str, images: int | None = None) -> StandinSpec:
             coco_images=(64, 16), truncated=(2, 1), not_jpeg=(1, 0), grayscale=(3, 1), missing=(2, 1),
             llava_records_per_image=150 / 64, llava_long_records=3,
             tinystories_train=(400, 8, 8, 8), tinystories_validation=50,
-            pope_images=12, pope_questions_per_image=2,
+            pope_images=12, pope_questions_per_image=2, mmstar_questions_per_category=4,
         )
     if size == "real":
         n_train = 2000 if images is None else int(images)
@@ -164,7 +170,7 @@ def spec_for(size: str, images: int | None = None) -> StandinSpec:
             missing=(few(n_train, 200), few(n_val, 100)),
             llava_records_per_image=3.0, llava_long_records=max(3, n_train // 100),
             tinystories_train=(25_000, 1_000, 1_000, 1_000), tinystories_validation=2_000,
-            pope_images=500, pope_questions_per_image=6,
+            pope_images=500, pope_questions_per_image=6, mmstar_questions_per_category=250,
         )
     raise ValueError(f"unknown size {size!r} (small or real)")
 
@@ -1277,13 +1283,31 @@ def pope_absent_objects(scene: world.Scene, category: str, popular_shapes: list[
     return names
 
 
-def pope_rows(spec: StandinSpec, rng: random.Random) -> tuple[list[dict], dict]:
-    """All POPE rows (category by category, like the real set) and the scene of every image."""
-    ids = rng.sample(range(1, 581_930), spec.pope_images)
+POPE_NOT_IN_TRAIN2017_EVERY = 4  # every 4th POPE image is not a train2017 image; the others are (hub_formats §12)
+
+
+def pope_rows(spec: StandinSpec, rng: random.Random,
+              train_images: list[CocoImage] = ()) -> tuple[list[dict], dict]:
+    """All POPE rows (category by category, like the real set) and the scene of every image.
+
+    As in reality (POPE asks about COCO val2014 images, most of which are in train2017 too), 3 of every 4 images,
+    the first ones included, are images of the train2017 stand-in (the same id and scene; readable ones from the
+    first half of the split, so a run on its first images trains on them unless it removes them); the others have
+    ids outside it."""
+    train_ids = {item.image_id for item in train_images}
+    shared = [item for item in train_images[: len(train_images) // 2] if item.problem in (None, "grayscale")]
+    rng.shuffle(shared)
     images = []
-    for image_id in ids:
-        scene = world.sample_scene(rng)
-        width, height = rng.choice(COCO_SIZES)
+    for i in range(spec.pope_images):
+        if shared and i % POPE_NOT_IN_TRAIN2017_EVERY != POPE_NOT_IN_TRAIN2017_EVERY - 1:
+            item = shared.pop()
+            image_id, scene, (width, height) = item.image_id, item.scene, (item.width, item.height)
+        else:
+            image_id = rng.randint(1, 581_929)
+            while image_id in train_ids:
+                image_id = rng.randint(1, 581_929)
+            scene, (width, height) = world.sample_scene(rng), rng.choice(COCO_SIZES)
+        train_ids.add(image_id)  # no id twice
         images.append((f"COCO_val2014_{image_id:012d}", scene,
                        jpeg_bytes(render_letterboxed(scene, width, height, rng))))
     shape_counts = {s: sum(scene.shape == s for _, scene, _ in images) for s in world.SHAPES}
@@ -1315,10 +1339,11 @@ def pope_features():
                      "category": Value("string")})
 
 
-def write_pope(folder: Path, spec: StandinSpec, rng: random.Random) -> dict:
+def write_pope(folder: Path, spec: StandinSpec, rng: random.Random, train_images: list[CocoImage] = ()) -> dict:
     """lmms-lab/POPE: three parquet files ``data/test-0000{0,1,2}-of-00003.parquet`` with the images embedded
-    (the datasets Image struct ``{bytes, path}``) and a README with features and ``configs`` but no ``splits``."""
-    rows, scenes = pope_rows(spec, rng)
+    (the datasets Image struct ``{bytes, path}``) and a README with features and ``configs`` but no ``splits``;
+    most images are `train_images` too (:func:`pope_rows`)."""
+    rows, scenes = pope_rows(spec, rng, train_images)
     features = pope_features()
     bounds = [round(len(rows) * i / 3) for i in range(4)]
     for i, name in enumerate(POPE_FILES):
@@ -1329,7 +1354,112 @@ def write_pope(folder: Path, spec: StandinSpec, rng: random.Random) -> dict:
         "val2014 images, with negatives sampled at random, among popular objects, and adversarially."))
     counts = {c: {a: sum(r["category"] == c and r["answer"] == a for r in rows) for a in ("yes", "no")}
               for c in POPE_CATEGORIES}
-    return {"questions": len(rows), "images": len(scenes), "per_category": counts, "scenes": scenes}
+    in_train = {f"COCO_val2014_{item.image_id:012d}" for item in train_images} & set(scenes)
+    return {"questions": len(rows), "images": len(scenes), "in_train2017": len(in_train), "per_category": counts,
+            "scenes": scenes}
+
+
+# ============================================================================================ MMStar (§11)
+MMSTAR_CATEGORIES = {"coarse perception": "image scene and topic", "fine-grained perception": "object counting",
+                     "instance reasoning": "single-instance reasoning", "logical reasoning": "common reasoning",
+                     "math": "numeric commonsense and calculation",
+                     "science & technology": "geography & earth science & agriculture"}
+MMSTAR_README_YAML = """dataset_info:
+  features:
+  - name: index
+    dtype: int64
+  - name: question
+    dtype: string
+  - name: image
+    dtype: image
+  - name: answer
+    dtype: string
+  - name: category
+    dtype: string
+  - name: l2_category
+    dtype: string
+  - name: meta_info
+    struct:
+    - name: source
+      dtype: string
+    - name: split
+      dtype: string
+    - name: image_path
+      dtype: string
+configs:
+- config_name: val
+  data_files:
+  - split: val
+    path: mmstar.parquet"""
+CORNERS = {"circle": 0, "square": 4, "triangle": 3}
+
+
+def mmstar_item(category: str, scene: world.Scene, rng: random.Random) -> tuple[str, str, list[str]]:
+    """(question, right option, three wrong options) about a scene, one kind of question per category."""
+    n, colour, shape = len(scene.things), scene.colour, scene.shape
+    numbers = lambda right: [str(x) for x in rng.sample([v for v in range(13) if v != right], 3)]  # noqa: E731
+    if category == "coarse perception":
+        wrong = [things_phrase(world.Scene(tuple(world.Thing(c, s, t.cell) for t in scene.things)))
+                 for c, s in rng.sample([(c, s) for c in world.COLOURS for s in world.SHAPES
+                                         if (c, s) != (colour, shape)], 3)]
+        return "Which option best describes the image?", sentence(things_phrase(scene)), [sentence(w) for w in wrong]
+    if category == "fine-grained perception":
+        return f"How many {plural(shape, 2)} are there in the image?", str(n), numbers(n)
+    if category == "instance reasoning":
+        return (f"What colour is the {shape} in the {scene.things[0].cell} cell?", colour,
+                rng.sample([c for c in world.COLOURS if c != colour], 3))
+    if category == "logical reasoning":
+        return (f"If one more {shape} were drawn in an empty cell, how many {plural(shape, 2)} would there be?",
+                str(n + 1), numbers(n + 1))
+    if category == "math":
+        total = n * CORNERS[shape]
+        return "How many corners do the shapes in the image have in total?", str(total), numbers(total)
+    fact = {0: "It has no corners.", 3: "It has three corners.", 4: "It has four corners.", 5: "It has five corners."}
+    return ("Which statement about the shape in the image is true?", fact[CORNERS[shape]],
+            [text for k, text in fact.items() if k != CORNERS[shape]])
+
+
+def mmstar_rows(spec: StandinSpec, rng: random.Random) -> list[dict]:
+    """MMStar rows, category by category; every letter is the answer equally often, images PNG and JPEG in turn."""
+    rows = []
+    for category, l2 in MMSTAR_CATEGORIES.items():
+        for _ in range(spec.mmstar_questions_per_category):
+            index = len(rows)
+            scene = world.sample_scene(rng)
+            question, right, wrong = mmstar_item(category, scene, rng)
+            letter = "ABCD"[index % 4]
+            options = wrong[: "ABCD".index(letter)] + [right] + wrong["ABCD".index(letter):]
+            image = render_letterboxed(scene, *rng.choice(COCO_SIZES), rng)
+            if index % 2:
+                data = jpeg_bytes(image)
+            else:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                data = buffer.getvalue()
+            text = question + "\nOptions: " + ", ".join(f"{k}: {o}" for k, o in zip("ABCD", options))
+            rows.append({"index": index, "question": text, "image": {"bytes": data, "path": None}, "answer": letter,
+                         "category": category, "l2_category": l2,
+                         "meta_info": {"source": "mmphi stand-in", "split": "val", "image_path": f"images/{index}"}})
+    return rows
+
+
+def write_mmstar(folder: Path, spec: StandinSpec) -> dict:
+    """Lin-Chen/MMStar: one ``mmstar.parquet`` at the repo root (the options inside the question text, the image
+    embedded as the datasets Image struct) and a README. Its own random stream: other writers do not change it."""
+    from datasets import Features, Image, Value
+
+    rows = mmstar_rows(spec, random.Random(spec.seed + 11))
+    features = Features({"index": Value("int64"), "question": Value("string"), "image": Image(),
+                         "answer": Value("string"), "category": Value("string"), "l2_category": Value("string"),
+                         "meta_info": {"source": Value("string"), "split": Value("string"),
+                                       "image_path": Value("string")}})
+    write_parquet(rows, features, folder / MMSTAR_FILE)
+    write_text(folder / "README.md", readme_with_yaml(
+        MMSTAR_README_YAML, "MMStar",
+        "Multiple-choice questions that need the image: four options written inside the question, the answer a "
+        "letter A-D, six core categories (`category`) of three fine-grained ones each (`l2_category`)."))
+    return {"questions": len(rows), "per_category": {c: spec.mmstar_questions_per_category for c in MMSTAR_CATEGORIES},
+            "answers": {k: sum(r["answer"] == k for r in rows) for k in "ABCD"}}
 
 
 # ============================================================================================ Whisper (§9)
@@ -1516,7 +1646,8 @@ def write_all(layout: StandinLayout, spec: StandinSpec, progress: bool, cache_di
         "coco": lambda: write_coco(layout, spec, rng, progress),
         "llava": lambda: write_llava(layout.repo(LLAVA_REPO), results["coco"]["images"]["train"], spec, rng),
         "tinystories": lambda: write_tinystories(layout.repo(TINYSTORIES_REPO), spec, rng),
-        "pope": lambda: write_pope(layout.repo(POPE_REPO), spec, rng),
+        "pope": lambda: write_pope(layout.repo(POPE_REPO), spec, rng, results["coco"]["images"]["train"]),
+        "mmstar": lambda: write_mmstar(layout.repo(MMSTAR_REPO), spec),
         "whisper": lambda: write_whisper(layout.whisper, spec),
         "hub cache": lambda: {repo: str(add_repo_to_hub_cache(layout.hub, repo, layout.repo(repo)))
                               for repo in STANDIN_REVISIONS},
@@ -1546,7 +1677,7 @@ def make_manifest(layout: StandinLayout, spec: StandinSpec, results: dict, timin
         "coco_images_written": {split: sum(1 for _ in layout.coco_image_dir(split).iterdir())
                                 for split in ("train", "val")},
         "llava": results["llava"], "tinystories": results["tinystories"], "pope": results["pope"],
-        "whisper": results["whisper"],
+        "whisper": results["whisper"], "mmstar": results["mmstar"],
     }
     files = {}
     for repo in STANDIN_REVISIONS:
@@ -1588,7 +1719,8 @@ def summary(manifest: dict) -> str:
                     for k, v in kinds.items() if v),
         f"  llava: {c['llava']['records']} records on {c['llava']['images']} images; "
         f"tinystories: {sum(c['tinystories'].values())} stories; pope: {c['pope']['questions']} questions on "
-        f"{c['pope']['images']} images",
+        f"{c['pope']['images']} images ({c['pope'].get('in_train2017', 0)} of them train2017 images); "
+        f"mmstar: {c['mmstar']['questions']} questions",
         "  settings (local):",
         *[f"    {k}={v}" for k, v in manifest["settings_local"].items()],
         f"  settings (hub; with HF_HUB_CACHE={manifest['hf_hub_cache']} HF_HUB_OFFLINE=1):",

@@ -2,7 +2,9 @@
 
 ``plan_time(profile, stage, gpu=...)`` counts the work of one training micro-step on the stage's model built on
 the ``meta`` device exactly as ``helpers.memory_plan`` builds it (same configs, same 4-bit/LoRA layout, the same
-emulated bf16 autocast and attention kernel), then prices it on the GPU:
+emulated autocast and attention kernel), in the precision the course trains in on that GPU (``helpers.precision``:
+bf16 where the GPU has native bf16, fp16 on a T4 or a V100; ``precision=`` asks for another), then prices it on the
+GPU:
 
 * **counted, not guessed** – one forward with the course's loss and one backward run on meta tensors under a
   ``TorchDispatchMode`` that sees every kernel PyTorch would launch: its FLOPs (PyTorch's own formulas,
@@ -10,10 +12,20 @@ emulated bf16 autocast and attention kernel), then prices it on the GPU:
   Phi decoder layer) and the bytes it reads and writes. Gradient checkpointing adds the layers' forward once more.
   bitsandbytes dequantizes each 4-bit weight before every matmul that uses it (forward, backward, recomputation):
   0.516 byte read and 2 written per weight each time.
-* **a roofline per kernel** – a kernel takes the longer of its FLOPs at the GPU's peak for its dtype (bf16 tensor
-  cores; the fp32 rate for fp32 matmuls, and for everything on a T4, which has no bf16 tensor cores) and its bytes at
-  the GPU's memory bandwidth, each at a calibrated efficiency, and at least a few microseconds. The host must also
-  issue every kernel (Python, autograd, peft): a step takes the longer of the GPU's sum and the host's.
+* **a roofline per kernel** – a kernel takes the longer of its FLOPs at the GPU's peak for its operands' dtype
+  (bf16 or fp16 tensor cores; the fp32 rate for fp32 matmuls; bf16 on a T4 or a V100, which have no bf16 tensor
+  cores, at about the fp32 rate) and its bytes at the GPU's memory bandwidth, each at a calibrated efficiency, and at
+  least a few microseconds. The host must also issue every kernel (Python, autograd, peft): a step takes the longer
+  of the GPU's sum and the host's.
+* **fp16 (a T4, a V100)** – the same kernels and bytes as bf16 (2-byte halves), the half-precision matmuls priced at
+  the fp16 tensor-core rate, except Phi's attention: the meta model runs it with the course's own function
+  (``helpers.precision.fp32_score_attention``, the model's attention implementation as the course builds it), so the
+  counter sees the fp32 copies of q, k and v it makes, and SDPA's forward and backward kernels on fp32 operands:
+  priced at the fp32 rate with fp32 bytes, as on the GPU. (One rule is added by hand: in a model built with that
+  attention, the emulated autocast never lowers SDPA, because in stage 03 q, k, v reach the function already in
+  fp32 from the 4-bit layers and it then leaves SDPA to autocast; see ``memory_plan._CudaSemantics``.) The
+  calibration below applies unchanged (it was fitted on an H200 in bf16): a T4's or a V100's fp16 figures are a
+  plan on the same assumed fractions of their peaks, not a measurement.
 * **calibrated on measurements** – the efficiencies and the host's cost per kernel are fitted to the step times
   measured on an H200 with the course's own code (``CALIBRATION_POINTS``; ../shared/README.md); the fit
   reproduces them within ~15 %. Every other GPU is *assumed* to reach the same fractions of its own peaks (the
@@ -63,15 +75,29 @@ class GPUSpec:
     bandwidth_gbs: float  # memory bandwidth, GB/s
     host_factor: float = 1.0  # host CPU time per kernel relative to the calibration machine (assumed)
     note: str = ""
+    fp16_tflops: float | None = None  # fp16 tensor cores; None = the bf16 rate (the same units on Ampere and later)
 
     @property
     def memory(self) -> mp.GPU:
         return mp.GPUS[self.key]
 
+    @property
+    def matmul_tflops(self) -> dict:
+        """Matmul peak by operand dtype."""
+        return {torch.bfloat16: self.bf16_tflops, torch.float16: self.fp16_tflops or self.bf16_tflops,
+                torch.float32: self.fp32_tflops}
+
+    def peak_tflops(self, precision: str) -> float:
+        """The matmul peak of a precision ("bf16", "fp16", "fp32")."""
+        return self.matmul_tflops[mp.PRECISION_DTYPES[precision]]
+
 
 GPU_SPECS = {
-    "T4": GPUSpec("T4", 8.1, 8.1, 320, 1.5, "no bf16 tensor cores: bf16 matmuls run at about the fp32 rate "
-                  "(65 TFLOP/s fp16 tensor cores are unused: the course never trains in fp16); Colab host CPU"),
+    "T4": GPUSpec("T4", 8.1, 8.1, 320, 1.5, "no bf16 tensor cores: the course trains in fp16 there (65 TFLOP/s "
+                  "tensor cores) with Phi's attention in fp32 (8.1 TFLOP/s); Colab host CPU", fp16_tflops=65),
+    "V100-16GB": GPUSpec("V100-16GB", 15.7, 15.7, 900, 1.5, "no bf16 tensor cores: the course trains in fp16 "
+                         "there (125 TFLOP/s tensor cores) with Phi's attention in fp32 (15.7 TFLOP/s); older cloud "
+                         "host CPU (assumed like Colab's)", fp16_tflops=125),
     "L4": GPUSpec("L4", 121, 30.3, 300, 1.5, "Colab host CPU"),
     "A10G": GPUSpec("A10G", 70, 35, 600, 1.2),
     "A100-40GB": GPUSpec("A100-40GB", 312, 19.5, 1555),
@@ -79,7 +105,7 @@ GPU_SPECS = {
     "H100-80GB": GPUSpec("H100-80GB", 989, 67, 3350),
     "H200": GPUSpec("H200", 989, 67, 4800),
 }
-TABLE_GPUS = ["T4", "L4", "A10G", "A100-80GB", "H100-80GB", "H200"]
+TABLE_GPUS = ["T4", "V100-16GB", "L4", "A10G", "A100-80GB", "H100-80GB", "H200"]
 
 
 def detect_gpu() -> str | None:
@@ -91,6 +117,8 @@ def detect_gpu() -> str | None:
     for key, marker in (("H200", "H200"), ("H100-80GB", "H100"), ("A10G", "A10G"), ("L4", "L4"), ("T4", "T4")):
         if marker in name:
             return key
+    if "V100" in name:
+        return "V100-16GB" if memory < 20 else None  # the 32 GB V100 is not in the table
     if "A100" in name:
         return "A100-80GB" if memory > 60 else "A100-40GB"
     return None
@@ -122,11 +150,13 @@ def _nbytes(t: torch.Tensor) -> int:
 
 @dataclass
 class KernelCount:
-    """Every kernel of one micro-step: FLOPs, bytes moved, whether it is an fp32 matmul, and where it ran."""
+    """Every kernel of one micro-step: FLOPs, bytes moved, whether it is an fp32 (or fp16) matmul, and where it
+    ran."""
 
     flops: list = field(default_factory=list)
     nbytes: list = field(default_factory=list)
     fp32: list = field(default_factory=list)
+    fp16: list = field(default_factory=list)  # fp16 operands: the fp16 tensor-core rate (bf16's otherwise)
     layer_forward: list = field(default_factory=list)  # run again by gradient checkpointing
     head_forward: list = field(default_factory=list)  # the answer-only loss's LM head: always run again
 
@@ -134,13 +164,16 @@ class KernelCount:
         return len(self.flops)
 
     def arrays(self):
-        """(flops, bytes, fp32 matmul?, in a layer's forward?, in the loss head's forward?) as tensors (cached)."""
+        """(flops, bytes, fp32 matmul?, in a layer's forward?, in the loss head's forward?, fp16 matmul?) as tensors
+        (cached)."""
         if getattr(self, "_arrays", None) is None or len(self._arrays[0]) != len(self.flops):
+            fp16 = self.fp16 if len(self.fp16) == len(self.flops) else [False] * len(self.flops)
             self._arrays = (torch.tensor(self.flops, dtype=torch.float64),
                             torch.tensor(self.nbytes, dtype=torch.float64),
                             torch.tensor(self.fp32, dtype=torch.bool),
                             torch.tensor(self.layer_forward, dtype=torch.bool),
-                            torch.tensor(self.head_forward, dtype=torch.bool))
+                            torch.tensor(self.head_forward, dtype=torch.bool),
+                            torch.tensor(fp16, dtype=torch.bool))
         return self._arrays
 
     @property
@@ -176,10 +209,12 @@ class KernelCounter(TorchDispatchMode):
         nbytes = sum(_nbytes(t) for t in tensors)
         first = next((t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)), None)
         fp32 = bool(flops) and first is not None and first.dtype == torch.float32  # the operands' dtype
+        fp16 = bool(flops) and first is not None and first.dtype == torch.float16
         c = self.count
         c.flops.append(float(flops))
         c.nbytes.append(float(nbytes))
         c.fp32.append(fp32)
+        c.fp16.append(fp16)
         c.layer_forward.append(self.in_layer and torch.is_grad_enabled())
         c.head_forward.append(self.in_head and torch.is_grad_enabled())
         return out
@@ -196,7 +231,7 @@ class StepShape:
     attention: str = "efficient"
     loss: str = "answer"
     answer_fraction: float = 1.0
-    precision: str = "bf16"
+    precision: str = "bf16"  # "bf16", "fp16" (attention in fp32) or "fp32"
     lora_r: int | None = None
 
 
@@ -210,9 +245,15 @@ def _model_key(profile):
 
 @functools.lru_cache(maxsize=64)
 def count_kernels(shape: StepShape) -> KernelCount:
-    """Count the kernels of one training micro-step (forward with loss + backward) on the meta model."""
+    """Count the kernels of one training micro-step (forward with loss + backward) on the meta model.
+
+    In fp16 the stage model is built, as the course builds it, with Phi's attention implementation set to
+    ``helpers.precision.FP32_ATTENTION`` (``memory_plan.attention_for``): the course's function runs on the meta
+    tensors, so its fp32 copies of q, k, v and SDPA's kernels on fp32 operands are counted as fp32 (rate and bytes).
+    No kernel is tagged by hand; the emulated autocast leaves SDPA in fp32 in such a model (see
+    ``memory_plan._CudaSemantics``: the policy's promise, also where q, k, v arrive in fp32)."""
     profile = _profile(shape.profile)
-    dtype = torch.bfloat16 if shape.precision == "bf16" else torch.float32
+    dtype = mp.PRECISION_DTYPES[shape.precision]
     model, _ = mp._stage_model(mp.model_key(profile), mp._stage(shape.stage), dtype, True, shape.lora_r)
     llava = mp._llava(model)
     counter = KernelCounter()
@@ -236,7 +277,7 @@ def count_kernels(shape: StepShape) -> KernelCount:
         model.train()
         with counter:
             loss = mp.training_loss(model, shape.batch_size, shape.seq_length,
-                                    dtype if shape.precision == "bf16" else None, shape.attention,
+                                    None if shape.precision == "fp32" else dtype, shape.attention,
                                     profile.image_seq_length, shape.loss, shape.answer_fraction,
                                     chunk_tokens=1 << 30,  # one chunk: the same kernels for any batch size
                                     recompute_loss=False)  # its recomputation is added from the tags
@@ -260,7 +301,7 @@ def _scaled_count(shape: StepShape) -> KernelCount:
     b = shape.batch_size - 1
     return KernelCount(flops=[f1 + b * (f2 - f1) for f1, f2 in zip(one.flops, two.flops)],
                        nbytes=[n1 + b * (n2 - n1) for n1, n2 in zip(one.nbytes, two.nbytes)],
-                       fp32=list(one.fp32), layer_forward=list(one.layer_forward),
+                       fp32=list(one.fp32), fp16=list(one.fp16), layer_forward=list(one.layer_forward),
                        head_forward=list(one.head_forward))
 
 
@@ -315,12 +356,12 @@ CALIBRATION = Calibration(matmul_efficiency=0.45, bandwidth_efficiency=0.70, hos
 
 def _micro_seconds(count: KernelCount, spec: GPUSpec, cal: Calibration, checkpointing: bool,
                    n_dequant: int, dequant_weights: int) -> dict:
-    flops, nbytes, is_fp32, in_layer, in_head = count.arrays()
-    bf16 = spec.bf16_tflops * 1e12 * cal.matmul_efficiency
-    fp32 = spec.fp32_tflops * 1e12 * cal.matmul_efficiency
+    flops, nbytes, is_fp32, in_layer, in_head, is_fp16 = count.arrays()
+    rates = {dtype: tflops * 1e12 * cal.matmul_efficiency for dtype, tflops in spec.matmul_tflops.items()}
     bandwidth = spec.bandwidth_gbs * 1e9 * cal.bandwidth_efficiency
-    per_kernel = torch.maximum(flops / torch.where(is_fp32, fp32, bf16), nbytes / bandwidth).clamp(
-        min=cal.kernel_seconds)
+    rate = torch.where(is_fp32, rates[torch.float32],
+                       torch.where(is_fp16, rates[torch.float16], rates[torch.bfloat16]))
+    per_kernel = torch.maximum(flops / rate, nbytes / bandwidth).clamp(min=cal.kernel_seconds)
     gpu = float(per_kernel.sum()) + float(per_kernel[in_head].sum())
     n_kernels = len(count) + int(in_head.sum())
     if checkpointing:
@@ -337,11 +378,12 @@ def _micro_seconds(count: KernelCount, spec: GPUSpec, cal: Calibration, checkpoi
 
 def micro_step_seconds(profile, stage: str, gpu, batch_size: int, seq_length: int, checkpointing: bool,
                        attention: str = "auto", loss: str = "answer", answer_fraction: float = 1.0,
-                       cal: Calibration | None = None, lora_r: int | None = None) -> dict:
-    """Planned seconds of one micro-step of `batch_size` rows padded to `seq_length` tokens on `gpu`."""
+                       cal: Calibration | None = None, lora_r: int | None = None, precision: str = "auto") -> dict:
+    """Planned seconds of one micro-step of `batch_size` rows padded to `seq_length` tokens on `gpu`, in
+    `precision` ("auto": what the course trains in there, ``memory_plan.precision_for``)."""
     spec = _spec(gpu)
     cal = cal or CALIBRATION
-    precision = "bf16" if spec.memory.native_bf16 else "fp32"  # what the course runs there (training.bf16_supported)
+    precision = mp.precision_for(spec.key, precision)
     if attention == "auto":
         attention = "efficient"
     profile = _profile(profile)
@@ -351,7 +393,7 @@ def micro_step_seconds(profile, stage: str, gpu, batch_size: int, seq_length: in
     n_quant, quant_weights = _quantized(shape.profile, shape.stage, lora_r)
     out = _micro_seconds(count, spec, cal, checkpointing, n_quant, quant_weights)
     recomputed = sum(f for f, in_layer in zip(count.flops, count.layer_forward) if in_layer) if checkpointing else 0
-    out.update(flops=count.total_flops + recomputed, bytes=count.total_bytes)
+    out.update(flops=count.total_flops + recomputed, bytes=count.total_bytes, precision=precision)
     return out
 
 
@@ -508,6 +550,7 @@ class TimePlan:
     measured_gpu: bool
     notes: list = field(default_factory=list)
     batch_overhead_seconds: float = 0.0  # the calibration's per-micro-batch cost of real data
+    precision: str = "bf16"  # "bf16", "fp16" (Phi's attention in fp32) or "fp32"
 
     @property
     def step_seconds(self) -> float:
@@ -523,8 +566,9 @@ class TimePlan:
         return self.batch_size * self.grad_accum * self.mean_length / self.step_seconds
 
     def mfu(self, n_params: float) -> float:
-        """Model FLOPs utilisation in the usual convention: 6 x parameters x real tokens over the bf16 peak."""
-        return 6 * n_params * self.tokens_per_second / (_spec(self.gpu).bf16_tflops * 1e12)
+        """Model FLOPs utilisation in the usual convention: 6 x parameters x real tokens over the matmul peak of
+        the precision trained in (bf16 or fp16 tensor cores, or fp32)."""
+        return 6 * n_params * self.tokens_per_second / (_spec(self.gpu).peak_tflops(self.precision) * 1e12)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -536,10 +580,11 @@ def plan_time(profile="full", stage: str = "instruct", gpu="T4", batch_size: int
               grad_accum: int | None = None, gradient_checkpointing: bool | None = None, attention: str = "auto",
               loss: str = "answer", balanced: bool | None = None, n_examples: int | None = None,
               data: DataShape | None = None, epochs: float | None = None, cal: Calibration | None = None,
-              max_steps: int | None = None) -> TimePlan:
+              max_steps: int | None = None, precision: str = "auto") -> TimePlan:
     """Seconds per optimizer step and hours for `stage` of `profile` on `gpu`, at the profile's settings unless
     given. ``balanced`` (default: stage 03 as the course trains it) = length-balanced micro-batches; ``data`` = the
-    stage's length distribution (``DataShape.from_dataset(dataset)``; default: ``assumed_data``)."""
+    stage's length distribution (``DataShape.from_dataset(dataset)``; default: ``assumed_data``); ``precision``:
+    "auto" (the course's: bf16 where native, fp16 on a T4 or V100), "bf16", "fp16" or "fp32"."""
     profile = _profile(profile)
     stage = mp._stage(stage)
     spec = profile.projection if stage == "projection" else profile.instruct
@@ -549,8 +594,9 @@ def plan_time(profile="full", stage: str = "instruct", gpu="T4", batch_size: int
     ckpt = profile.checkpointing(stage) if gradient_checkpointing is None else gradient_checkpointing
     balanced = (stage == "instruct") if balanced is None else balanced
     data = data or assumed_data(profile, stage)
+    precision = mp.precision_for(gpu_spec.key, precision)
     if attention == "auto":
-        attention = "efficient"  # bf16 where native, else fp32: both have the memory-efficient kernel
+        attention = "efficient"  # bf16 / fp16 / fp32 (the fp16 plan's attention): all have the memory-efficient kernel
     n_examples = n_examples or profile.n_train_samples or len(data.lengths)
     epochs = spec.epochs if epochs is None else epochs
     steps = max_steps or spec.max_steps
@@ -558,14 +604,18 @@ def plan_time(profile="full", stage: str = "instruct", gpu="T4", batch_size: int
         steps = max(1, math.ceil(math.ceil(n_examples / (batch_size * grad_accum)) * epochs))
     padded = padded_length(data, batch_size, grad_accum, balanced)
     micro = micro_step_seconds(profile, stage, gpu_spec, batch_size, int(round(padded)), ckpt, attention, loss,
-                               data.answer_fraction if loss == "answer" else 1.0, cal)
+                               data.answer_fraction if loss == "answer" else 1.0, cal, precision=precision)
     cal = cal or CALIBRATION
     trainable = _trainable_parameters(_model_key(profile), stage)
-    optimizer = 60 * trainable / (gpu_spec.bandwidth_gbs * 1e9 * cal.bandwidth_efficiency)  # AdamW + clipping
+    # AdamW + clipping: 60 bytes per trainable parameter; fp16's gradient scaler unscales and checks every fp32
+    # gradient once more (read + write: 8 bytes)
+    optimizer = ((60 + (8 if precision == "fp16" else 0)) * trainable
+                 / (gpu_spec.bandwidth_gbs * 1e9 * cal.bandwidth_efficiency))
     notes = [f"data: {data.source}; mean {data.mean_length:.0f} tokens, padded to {padded:.0f} "
              f"({'length-balanced' if balanced and grad_accum > 1 else 'random'} micro-batches)",
              f"speed: {cal.source}" + ("" if gpu_spec.key == CALIBRATION_GPU else
                                       f"; {gpu_spec.key}: same fractions of its own peaks assumed, not measured")]
+    notes.append(f"precision: {PRECISION_NOTES[precision]}")
     if gpu_spec.note:
         notes.append(f"{gpu_spec.key}: {gpu_spec.note}")
     return TimePlan(profile=profile.name, stage=stage, gpu=gpu_spec.key, batch_size=batch_size,
@@ -573,7 +623,16 @@ def plan_time(profile="full", stage: str = "instruct", gpu="T4", batch_size: int
                     balanced=balanced, n_examples=n_examples, steps=steps, mean_length=data.mean_length,
                     padded_length=padded, micro_step=micro, optimizer_seconds=optimizer,
                     data_source=data.source, calibration=cal.source, measured_gpu=gpu_spec.key == CALIBRATION_GPU,
-                    notes=notes, batch_overhead_seconds=cal.batch_overhead_seconds * gpu_spec.host_factor)
+                    notes=notes, batch_overhead_seconds=cal.batch_overhead_seconds * gpu_spec.host_factor,
+                    precision=precision)
+
+
+PRECISION_NOTES = {
+    "bf16": "bf16 autocast (bf16 tensor cores)",
+    "fp16": "fp16 autocast with a gradient scaler (fp16 tensor cores); Phi's attention in fp32 "
+            "(helpers.precision.fp32_score_attention), priced at the fp32 rate",
+    "fp32": "fp32 (no autocast; fp32 matmuls)",
+}
 
 
 @functools.lru_cache(maxsize=16)
@@ -597,7 +656,7 @@ def format_time_plan(plan: TimePlan) -> str:
         f"Time plan: profile {plan.profile}, stage {plan.stage}, {plan.gpu}"
         + (" (calibrated on this GPU)" if plan.measured_gpu else " (assumed efficiency, see notes)"),
         f"  micro-batch {plan.batch_size} x ~{plan.padded_length:.0f} tokens x {plan.grad_accum} accumulated = "
-        f"{plan.batch_size * plan.grad_accum} examples per step; checkpointing "
+        f"{plan.batch_size * plan.grad_accum} examples per step; {plan.precision}; checkpointing "
         f"{'on' if plan.gradient_checkpointing else 'off'}, attention {plan.attention}, loss {plan.loss}",
         f"  one micro-step: {m['seconds']:.3f} s ({m['bound']}-bound: GPU {m['gpu_s']:.3f} s, host "
         f"{m['host_s']:.3f} s for {m['kernels']:,} kernels)",
@@ -635,8 +694,9 @@ def show(profile="full", stage: str = "instruct", gpu=None, dataset=None, memory
 def time_table(profile="full", gpus=None, stages=("projection", "instruct"), recipes: bool = False) -> str:
     """Markdown: seconds per optimizer step and hours per stage at the profile's settings (or each GPU's recipe)."""
     gpus = gpus or TABLE_GPUS
-    head = "| stage | GPU | micro-batch x accum | ckpt | s / micro-step | bound | s / step | steps | hours | tokens/s |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| stage | GPU | precision | micro-batch x accum | ckpt | s / micro-step | bound | s / step | steps "
+            "| hours | tokens/s |")
+    lines = [head, "|" + "---|" * 11]
     for stage in stages:
         for gpu in gpus:
             if recipes:
@@ -645,7 +705,7 @@ def time_table(profile="full", gpus=None, stages=("projection", "instruct"), rec
             else:
                 plan = plan_time(profile, stage, gpu)
             m = plan.micro_step
-            lines.append(f"| {plan.stage} | {plan.gpu} | {plan.batch_size} x {plan.grad_accum} | "
+            lines.append(f"| {plan.stage} | {plan.gpu} | {plan.precision} | {plan.batch_size} x {plan.grad_accum} | "
                          f"{'on' if plan.gradient_checkpointing else 'off'} | {m['seconds']:.2f} | "
                          f"{m['bound'].split(' ')[0]} | {plan.step_seconds:.1f} | {plan.steps} | {plan.hours:.2f} | "
                          f"{plan.tokens_per_second:,.0f} |")
@@ -701,6 +761,7 @@ class Recipe:
     gpu: str
     budget_hours: float
     stages: dict
+    precision: str = "bf16"  # what every stage trains in (helpers.precision on that GPU, unless asked otherwise)
 
     def profile_for(self, profile, stage: str):
         """`profile` with this recipe's settings for `stage` (its StageSpec, with gradient checkpointing)."""
@@ -709,7 +770,7 @@ class Recipe:
         return profile.replace(**{field_name: self.stages[field_name].stage_spec(getattr(profile, field_name))})
 
     def summary(self) -> str:
-        lines = [f"Recipe for {self.gpu} (budget {self.budget_hours:g} h per stage):"]
+        lines = [f"Recipe for {self.gpu} in {self.precision} (budget {self.budget_hours:g} h per stage):"]
         for r in self.stages.values():
             lines.append(f"  {r.stage}: micro-batch {r.batch_size} x {r.grad_accum} accumulated, checkpointing "
                          f"{'on' if r.gradient_checkpointing else 'off'}, {r.n_examples:,} examples = "
@@ -722,7 +783,7 @@ class Recipe:
 
 def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: dict | None = None,
                    available: dict | None = None, checkpoint_minutes: float = 15.0,
-                   headroom_gib: float | None = None) -> Recipe:
+                   headroom_gib: float | None = None, precision: str = "auto") -> Recipe:
     """Settings for each stage on `gpu` (default: the GPU in use) that keep the recipe's effective batch (micro-batch
     x accumulation) and finish within `budget_hours`.
 
@@ -732,9 +793,11 @@ def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: di
     the fastest by the time plan (within 3 %, the biggest micro-batch). Then as many examples as the budget allows (90 % of it, the rest for evaluation and
     saving), at most what the source holds (`available`, default SOURCE_RECORDS) and at least one step; a checkpoint
     every `checkpoint_minutes` so a disconnected session loses little. `data`: {stage: DataShape} (default: assumed).
+    `precision`: "auto" (the course's on that GPU: bf16 where native, fp16 on a T4 or a V100) or one to compare.
     """
     profile = _profile(profile)
     gpu_key = _spec(gpu or detect_gpu() or "T4").key
+    precision = mp.precision_for(gpu_key, precision)
     if headroom_gib is None:
         headroom_gib = max(1.5, 0.08 * mp.GPUS[gpu_key].memory_gib)
     available = {**SOURCE_RECORDS, **(available or {})}
@@ -753,14 +816,16 @@ def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: di
             for ckpt in (False, True):
                 mem = mp.plan_memory(profile, stage, gpu=gpu_key, batch_size=rows, seq_length=length,
                                      gradient_checkpointing=ckpt, grad_accum=effective // batch, loss="answer",
-                                     answer_fraction=1.0)
+                                     answer_fraction=1.0, precision=precision)
                 if mem.headroom_bytes < headroom_gib * GiB:
                     continue
                 t = plan_time(profile, stage, gpu_key, batch_size=batch, grad_accum=effective // batch,
-                              gradient_checkpointing=ckpt, data=shape, n_examples=effective, balanced=balanced)
+                              gradient_checkpointing=ckpt, data=shape, n_examples=effective, balanced=balanced,
+                              precision=precision)
                 options.append((t.step_seconds, batch, ckpt, mem, t, basis))
         if not options:
-            raise ValueError(f"no micro-batch of stage {stage} fits a {gpu_key} (see helpers.memory_plan)")
+            raise ValueError(f"no micro-batch of stage {stage} fits a {gpu_key} in {precision} "
+                             "(see helpers.memory_plan)")
         fastest = min(o[0] for o in options)
         # within 3 % of the fastest, prefer the biggest micro-batch, then no checkpointing
         step_s, batch, ckpt, mem, _, basis = max((o for o in options if o[0] <= 1.03 * fastest),
@@ -771,11 +836,11 @@ def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: di
         n_examples = min(available[stage], steps * effective)
         t = plan_time(profile, stage, gpu_key, batch_size=batch, grad_accum=effective // batch,
                       gradient_checkpointing=ckpt, data=shape, n_examples=n_examples, max_steps=steps,
-                      balanced=balanced)
+                      balanced=balanced, precision=precision)
         save_steps = max(1, min(steps, int(checkpoint_minutes * 60 / t.step_seconds)))
-        why = [f"{gpu_key}: micro-batch {batch} {'with' if ckpt else 'without'} gradient checkpointing is the "
-               f"fastest setting whose memory plan fits ({mem.total_bytes / GiB:.1f} of {mem.gpu_gib:.1f} GiB, "
-               f"{basis})"]
+        why = [f"{gpu_key} in {precision}: micro-batch {batch} {'with' if ckpt else 'without'} gradient "
+               f"checkpointing is the fastest setting whose memory plan fits ({mem.total_bytes / GiB:.1f} of "
+               f"{mem.gpu_gib:.1f} GiB, {basis})"]
         if ckpt and any(o[1] == batch and not o[2] for o in options):
             why.append("without checkpointing it fits too but is slower")
         elif ckpt:
@@ -794,7 +859,7 @@ def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: di
                        f"{n_examples:,} examples of the {available[stage]:,} available")
         stages[stage] = StageRecipe(stage, batch, effective // batch, ckpt, n_examples, steps, save_steps, mem, t,
                                     "; ".join(why))
-    return Recipe(gpu_key, budget_hours, stages)
+    return Recipe(gpu_key, budget_hours, stages, precision)
 
 
 RECIPE_FIELDS = ("batch_size", "grad_accum", "max_steps", "gradient_checkpointing", "save_steps", "n_examples")
@@ -809,7 +874,9 @@ def _fitted_settings(profile, gpu: str, hours: float) -> dict:
     import os
     from pathlib import Path
 
-    key = hashlib.sha256(repr((profile, gpu, hours, CALIBRATION, mp.MEASURED_EXTRA_GIB, RECIPE_FIELDS, 1)).encode())
+    # the precision and the GPU's figures are in the key: recipes cached when a T4 trained in fp32 are not reused
+    key = hashlib.sha256(repr((profile, gpu, hours, CALIBRATION, mp.MEASURED_EXTRA_GIB, RECIPE_FIELDS,
+                               mp.precision_for(gpu), _spec(gpu), mp.GPUS[gpu], 2)).encode())
     cache = Path(os.environ.get("MMPHI_CACHE") or Path.home() / ".cache" / "mmphi") / "gpu_recipes"
     path = cache / f"{key.hexdigest()[:20]}.json"
     if path.exists():

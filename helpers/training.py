@@ -1,7 +1,8 @@
 """Shared training machinery: transformers' Trainer, configured once for every stage.
 
 Trainer gives us, for free and battle-tested: learning-rate schedules with warmup (cosine or warmup-stable-decay),
-gradient accumulation, bf16 on GPUs that support it (fp32 on CPU; never fp16, which overflows in Phi attention),
+gradient accumulation, mixed precision as ``helpers.precision`` decides (bf16 where native, fp16 with a gradient
+scaler on a T4, fp32 on a CPU),
 progress bars in notebooks, logging, safetensors checkpoints, resume with optimizer/scheduler/RNG/data position,
 and DDP/FSDP via accelerate.
 
@@ -15,20 +16,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from . import precision
 from .checkpointing import AtomicCheckpointMixin, clear_checkpoints, resolve_resume
 
 CHECKPOINTS_PER_RUN = 4  # default: a checkpoint every 25 % of the steps (and at the end)
-
-
-def bf16_supported() -> bool:
-    """True on GPUs with native bf16 (compute capability 8.0+: A100, L4, A10G, H100, ...).
-
-    ``torch.cuda.is_bf16_supported()`` alone is also true on a T4, through slow emulation; there the course runs in
-    fp32 instead (never fp16: it overflows in Phi attention)."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def free_accelerator_memory() -> None:
@@ -85,7 +79,7 @@ def training_arguments(spec, out_dir: str | Path, seed: int, n_examples: int | N
         report_to="none",
         seed=seed,
         data_seed=seed,
-        bf16=bf16_supported(),
+        **precision.current().trainer_args,  # bf16 / fp16 (with a gradient scaler) / fp32: helpers.precision
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -262,9 +256,51 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens:
     return total / num_items_in_batch, n
 
 
+MAX_SKIPPED_STEPS = 20  # consecutive optimizer steps skipped for non-finite gradients before training stops
+
+
+class NonFiniteTraining(RuntimeError):
+    """Training produced nothing but non-finite gradients or losses for too many consecutive steps."""
+
+
+class StopOnNonFiniteSteps(TrainerCallback):
+    """Stops training with a clear message after `limit` consecutive non-finite steps.
+
+    With fp16 (a T4) the gradient scaler skips a step whose gradients are not finite and halves the loss scale; a
+    few skips at the start are normal (the scale searches its range), a long run of them means the model overflows
+    and every further step would be skipped too: without this, training would "finish" with the weights it started
+    from. In bf16 and fp32 there is no scaler: consecutive logged gradient norms that are not finite count instead."""
+
+    def __init__(self, limit: int = MAX_SKIPPED_STEPS):
+        self.limit, self.skipped_steps, self.nonfinite_norms = limit, 0, 0
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        self.skipped_steps = self.skipped_steps + 1 if skipped else 0
+        self._check(self.skipped_steps, "optimizer steps had non-finite gradients (skipped by the scaler)", state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        norm = (logs or {}).get("grad_norm")
+        if norm is None:
+            return
+        self.nonfinite_norms = 0 if math.isfinite(norm) else self.nonfinite_norms + 1
+        self._check(self.nonfinite_norms, "logged gradient norms were not finite", state)
+
+    def _check(self, count: int, what: str, state):
+        if count >= self.limit:
+            raise NonFiniteTraining(
+                f"{count} consecutive {what} (up to step {state.global_step}): the model overflows in this "
+                f"precision and is not learning. Check the precision (helpers.precision; MMPHI_PRECISION=fp32 to "
+                f"compare) and the learning rate; the last good checkpoint is kept.")
+
+
 class CourseTrainer(AtomicCheckpointMixin, Trainer):
     """transformers' Trainer with atomic checkpoints (see helpers.checkpointing) and strict resuming: Trainer
-    reloads checkpoint weights with ``strict=False`` and only logs mismatched names; here they are an error."""
+    reloads checkpoint weights with ``strict=False`` and only logs mismatched names; here they are an error.
+    Training stops with :class:`NonFiniteTraining` after :data:`MAX_SKIPPED_STEPS` consecutive non-finite steps."""
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        super().__init__(*args, callbacks=[*(callbacks or []), StopOnNonFiniteSteps()], **kwargs)
 
     def _allowed_missing(self) -> set[str]:
         return set(self.model._keys_to_ignore_on_save or []) if hasattr(self.model, "_keys_to_ignore_on_save") \

@@ -315,6 +315,29 @@ def corpus_document(scene: Scene, rng: random.Random, turns: int, eos: str,
     return render_text_dialogue(dialogue, eos)
 
 
+def blind_chance_by_type(vocab: Vocabulary = DEFAULT_VOCABULARY, n_scenes: int = 20000, seed: int = 0) -> dict:
+    """The best a *blind* answerer can score on each question type when it is asked first (no history): for every
+    question the world can ask, the share of scenes behind it whose answer is its most frequent one, weighted by how
+    often the question comes up. Sampled from the world's own scenes, vocabulary and wording, so it holds for any
+    world seed: colour 1 in (number of colours), shape 1 in (number of shapes), position 1 in 4, yes/no 1 in 2,
+    count about 1 in 2 ("How many squares are there?" is "zero" whenever the scene's shape is another one).
+
+    Later turns are not covered: their history can carry the answer ("Is the colour red?" "yes", then "What colour
+    is the square?"), so a blind model may beat this there without looking."""
+    from collections import Counter, defaultdict
+
+    rng = random.Random(f"mmphi blind chance {seed}")
+    answers = defaultdict(lambda: defaultdict(Counter))  # type -> question -> answer counts
+    for _ in range(n_scenes):
+        scene = sample_scene(rng, vocab)
+        for qtype in QUESTION_TYPES:
+            asked = None if qtype == "follow-up" else ask(scene, qtype, rng, vocab=vocab)
+            if asked is not None:
+                answers[qtype][asked[0]][asked[1]] += 1
+    return {qtype: sum(max(c.values()) for c in questions.values()) / sum(sum(c.values()) for c in questions.values())
+            for qtype, questions in answers.items()}
+
+
 def described_questions(n_scenes: int, seed: int, vocab: Vocabulary = DEFAULT_VOCABULARY) -> list[dict]:
     """Text-only probes of the pretrained LM: a fresh scene's caption as the first answer, then one question of
     each type. Returns [{"messages", "answer", "type"}]; `messages` end with the user's question. The seed stream

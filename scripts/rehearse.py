@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGE_FILES = ["01_pretrain", "02_projection", "03_qlora_instruct", "04_audio", "05_demo"]
 SUMMARY_KEYS = ["seconds", "initial_heldout_loss", "final_heldout_loss", "phi2_heldout_loss",
                 "initial_heldout_caption_loss", "final_heldout_caption_loss", "steps", "seconds_per_step",
-                "gpu_peak_allocated_gib", "freeform_judged_correct", "pope", "typed_accuracy", "spoken_accuracy",
-                "wer", "n_questions"]
+                "gpu_peak_allocated_gib", "freeform_judged_correct", "pope", "mmstar", "mmstar_blind", "typed_accuracy",
+                "spoken_accuracy", "wer", "n_questions", "pope_blind", "pope_heldout_removed"]
 
 
 def read_settings(size: str) -> str:

@@ -11,16 +11,20 @@ from helpers.config import FULL
 
 
 def test_bf16_is_not_chosen_on_a_t4_that_only_emulates_it(monkeypatch):
-    from helpers import training
+    """A T4 reports bf16 support through emulation: the policy must see it as a GPU without native bf16 (fp16)."""
+    from helpers import precision
+
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
 
     def t4_bf16(including_emulation: bool = True):  # what torch reports on a T4 (compute capability 7.5)
         return including_emulation
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", t4_bf16)
-    assert training.bf16_supported() is False
+    assert precision.native_bf16() is False and precision.current().name == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
-    assert training.bf16_supported() is True
+    assert precision.native_bf16() is True and precision.current().name == "bf16"
 
 
 def test_the_merged_export_reloaded_from_disk_equals_the_trained_model(saved_llava, processor, profile, world,
@@ -75,11 +79,13 @@ def test_the_merged_export_reloaded_from_disk_equals_the_trained_model(saved_lla
     with pytest.raises(instruct.ExportMismatch, match="does not answer like the trained model"):
         instruct.check_export(untrained, reloaded, reloaded_processor, image, prompt)
 
+    from helpers import precision
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert instruct.export_device_and_dtype() == ("cuda:0", torch.bfloat16)  # stored in bf16 on any GPU
-    assert instruct.run_device_and_dtype() == ("cuda:0", torch.float32)  # a T4 answers in fp32, never fp16
+    t4 = precision.current()  # a T4 builds, stores and answers with the export in fp16, attention scores in fp32
+    assert (t4.device, t4.dtype, t4.attention) == ("cuda:0", torch.float16, precision.FP32_ATTENTION)
 
 
 def test_the_assistant_is_reloaded_with_dtype_and_device_map_everywhere(monkeypatch, tmp_path):
@@ -97,7 +103,7 @@ def test_the_assistant_is_reloaded_with_dtype_and_device_map_everywhere(monkeypa
                         lambda path, **kw: seen.update(kw) or Stub())
     monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda path, **kw: "processor")
     model, processor = inference.load_assistant(tmp_path)
-    assert seen["dtype"] == torch.float32 and seen["device_map"] == {"": "cpu"}
+    assert seen["dtype"] == torch.float32 and seen["device_map"] == {"": "cpu"} and seen["attn_implementation"] == "sdpa"
     import inspect
 
     for module in (audio_eval, demo):  # the notebooks' loaders go through load_assistant, none loads bare

@@ -1,4 +1,4 @@
-"""The assistant learns to *look*: stages 02-03 (the very stage functions notebooks 02 and 03 run) on a small world,
+"""The assistant learns to *look*: stages 01-03 (the very stage functions notebooks 02 and 03 run) on a small world,
 then held-out questions asked twice, with the real image and with a blank one (the blind baseline). A model that
 learned only the world's word frequencies answers as well blind; this one must answer far better with the image.
 
@@ -36,8 +36,38 @@ def trained(tmp_path_factory):
 
 def test_answers_about_images_are_read_from_the_image(trained):
     real, blind = trained["heldout_accuracy_by_type"], trained["blind_accuracy_by_type"]
-    print({t: (round(real[t], 3), round(blind[t], 3)) for t in real})
+    print("held-out accuracy (real, blind):", {t: (round(real[t], 3), round(blind[t], 3)) for t in real},
+          "export check:", trained["export_check"])
     gaps = {t: real[t] - blind[t] for t in IMAGE_TYPES}
     assert real["colour"] >= 0.8 and gaps["colour"] >= 0.5, (real, blind)
     assert sum(gaps.values()) / len(gaps) >= 0.3, (real, blind)
     assert trained["export_check"]["relative"] <= trained["export_check"]["tolerance"]
+
+
+def test_blind_first_answers_fall_to_chance(trained):
+    """With a blank image, first-turn answers (no history that could give the answer away) score no better than the
+    best blind answerer can (``world.blind_chance_by_type``), within 3 binomial standard deviations of the number
+    of questions asked. Catches: a "blind" evaluation that still passes the image (or its cached features), and
+    answers leaking into the prompt (a template that renders the expected answer, a history cut wrongly)."""
+    blind, chance = trained["blind_first_turn_accuracy_by_type"], trained["blind_chance_by_type"]
+    counts = trained["first_turn_count_by_type"]
+    for qtype in ("colour", "shape", "position", "count", "yes/no"):
+        p, n = chance[qtype], counts[qtype]
+        margin = 3 * (p * (1 - p) / n) ** 0.5
+        assert blind[qtype] <= p + margin, (qtype, blind[qtype], p, n)
+    assert trained["first_turn_accuracy_by_type"]["colour"] >= chance["colour"] + 0.5
+
+
+def test_chance_per_type_follows_from_the_worlds_vocabulary():
+    """Catches a chance level computed from the wrong vocabulary or wording (e.g. 1 in 3 colours)."""
+    from helpers.world import blind_chance_by_type, vocabulary
+
+    for world_seed in (0, 1):
+        vocab = vocabulary(world_seed)
+        chance = blind_chance_by_type(vocab)
+        assert chance["colour"] == pytest.approx(1 / len(vocab.colour_names), abs=0.02)
+        assert chance["shape"] == pytest.approx(1 / len(vocab.shapes), abs=0.02)
+        assert chance["position"] == pytest.approx(1 / 4, abs=0.03)
+        assert chance["yes/no"] == pytest.approx(1 / 2, abs=0.02)
+        # "How many objects?" 1 in 3; "How many squares?" is "zero" whenever the shape is another: 2 in 3
+        assert chance["count"] == pytest.approx((1 / 3 + 2 / 3) / 2, abs=0.03)

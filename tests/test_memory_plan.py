@@ -151,21 +151,71 @@ def test_4bit_weights_are_smaller_than_bf16(full_plans):
     assert nf4_bytes(2560 * 10240) < nf4_bytes(2560 * 10240, double_quant=False) < 2560 * 10240 * 0.57
 
 
-def test_a_t4_is_planned_in_fp32_what_the_course_runs_there(full_plans):
-    """A T4 only emulates bf16, so the course trains in fp32 there (never fp16): stage 03's defaults fit; stage 02's
-    worst case (16 rows of 512 tokens with Phi-2 in fp32) does not, which is why the GPU recipe
-    (helpers.time_plan.recipe_for_gpu) picks a smaller micro-batch on a T4."""
+def test_a_t4_is_planned_in_fp16_what_the_course_runs_there(full_plans):
+    """A T4 has no native bf16, so the course trains in fp16 there (helpers.precision: fp16 autocast, frozen weights
+    in fp16, Phi's attention in fp32): both stages' defaults fit, stage 02's worst case (16 rows of 512 tokens)
+    included, because the frozen Phi-2 takes 2 bytes per weight. In fp32, as the course trained on a T4 before, that
+    worst case did not fit (Phi-2 alone is 11 GB): still so when asked for explicitly.
+    Bug caught: a T4 planned in fp32 or bf16 while the course trains in fp16 there (recipes sized for the wrong
+    memory), or fp32 no longer selectable."""
     instruct, projection = full_plans[("instruct", "T4")], full_plans[("projection", "T4")]
     for plan in (instruct, projection):
-        assert plan.precision == "fp32" and plan.attention == "efficient" and plan.gradient_checkpointing
+        assert plan.precision == "fp16 autocast" and plan.attention == "efficient" and plan.gradient_checkpointing
+        assert plan.master_weight_bytes == 0  # trainable parameters are fp32: the scaler needs no master copy
     assert instruct.fits and instruct.needed_bytes < 14.75 * GiB, format_plan(instruct)
-    assert not projection.fits
-    assert plan_memory(FULL, "projection", gpu="T4", batch_size=4, seq_length=160).fits
+    assert projection.fits, format_plan(projection)
+    fp32_projection = plan_memory(FULL, "projection", gpu="T4", precision="fp32")
+    assert fp32_projection.precision == "fp32" and not fp32_projection.fits
+    assert plan_memory(FULL, "projection", gpu="T4", batch_size=4, seq_length=160, precision="fp32").fits
+    # the frozen Phi-2 of stage 02 in fp16 takes half its fp32 bytes
+    assert 2 * projection.weight_bytes["language_model"] == fp32_projection.weight_bytes["language_model"]
     plan = instruct
     phi2 = full_plans[("projection", "T4")].parameters
     assert phi2["language_model"] + phi2["lm_head"] + 51200 == 2_779_683_840  # Phi-2 minus its folded head bias
     text = format_plan(plan)
-    assert "FITS" in text and "activations" in text
+    assert "FITS" in text and "activations" in text and "fp32_score_attention" in text
+
+
+@pytest.mark.parametrize("gpu", ["T4", "V100-16GB"])
+def test_gpus_without_native_bf16_are_planned_in_fp16_and_the_others_stay_selectable(gpu):
+    """The "auto" plan of a GPU without native bf16 is fp16, as helpers.precision.choose decides for the course;
+    bf16 and fp32 can still be asked for, anything else is refused.
+    Bug caught: the planner's own rule drifting from helpers.precision (the old ``bf16 if native else fp32``, or a
+    V100 entry marked as having native bf16), or the explicit precisions no longer honoured."""
+    from helpers import memory_plan as mp
+    from helpers.precision import choose
+
+    assert not mp.GPUS[gpu].native_bf16
+    assert mp.precision_for(gpu) == choose(cuda=True, bf16=False) == "fp16"
+    for name, card in mp.GPUS.items():
+        assert mp.precision_for(name) == choose(cuda=True, bf16=card.native_bf16), name
+    auto = plan_memory(TINY, "instruct", gpu=gpu)
+    assert (auto.precision, auto.attention) == ("fp16 autocast", "efficient")
+    bf16 = plan_memory(TINY, "instruct", gpu=gpu, precision="bf16")
+    assert (bf16.precision, bf16.attention) == ("bf16 autocast", "math")  # emulated bf16: no efficient kernel
+    assert plan_memory(TINY, "instruct", gpu=gpu, precision="fp32").precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        plan_memory(TINY, "instruct", gpu=gpu, precision="fp8")
+
+
+def test_an_fp16_plan_holds_the_fp32_attention_copies(full_plans):
+    """Stage 03 on a T4 at the same shape (the profile's batch of 1024-token rows, the memory-efficient kernel for all
+    three): the fp16 plan holds what bf16 autocast holds plus, in every layer, the fp32 copies of q, k and v, the
+    fp32 attention output and the fp32 padding bias that the course's attention function (SDPA in fp32) keeps for
+    the backward pass: exactly 2 more bytes per element of each of the four B x T x hidden tensors and of the
+    B x T x T bias. So bf16 < fp16 < fp32 (fp32 keeps every activation in 4 bytes).
+    Bug caught: fp16 planned as bf16 (the meta model run with stock SDPA, or SDPA autocast to fp16 in the emulation:
+    the fp32 copies missing and a T4's micro-batch sized too big), or fp16 planned with fp32 activations."""
+    fp16 = full_plans[("instruct", "T4")]
+    bf16, fp32 = (plan_memory(FULL, "instruct", gpu="T4", precision=p, attention="efficient")
+                  for p in ("bf16", "fp32"))
+    assert fp16.attention == "efficient"
+    assert bf16.total_bytes < fp16.total_bytes < fp32.total_bytes
+    b, t, d = fp16.batch_size, fp16.seq_length, FULL.phi.hidden_size
+    per_layer = 4 * b * t * d * (4 - 2) + b * t * t * (4 - 2)  # q, k, v, output; the bias
+    assert fp16.layer_max_bytes - bf16.layer_max_bytes == per_layer
+    assert fp16.layer_sum_bytes - bf16.layer_sum_bytes == FULL.phi.num_hidden_layers * per_layer
+    assert fp16.weights_total == bf16.weights_total  # 4-bit layers; the rest upcast to fp32 by peft either way
 
 
 # ------------------------------------------------------------------ the H200 measurements (committed JSON only)

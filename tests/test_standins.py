@@ -126,7 +126,7 @@ def test_manifest_and_settings(built):
     layout, manifest = built
     assert manifest["size"] == "small" and manifest["version"] == S.STANDINS_VERSION
     env = {"MMPHI_PHI2", "MMPHI_CLIP", "MMPHI_COCO", "MMPHI_COCO_IMAGES", "MMPHI_LLAVA_INSTRUCT",
-           "MMPHI_TINYSTORIES", "MMPHI_WHISPER", "MMPHI_POPE"}
+           "MMPHI_TINYSTORIES", "MMPHI_WHISPER", "MMPHI_POPE", "MMPHI_MMSTAR"}
     assert set(manifest["settings_local"]) == set(manifest["settings_hub"]) == env
     assert all(Path(p).exists() for p in manifest["settings_local"].values())
     hub = manifest["settings_hub"]
