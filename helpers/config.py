@@ -9,7 +9,7 @@ Both profiles run the same code. They differ only in sizes, checkpoint names and
   Hub id (optionally ``@revision``) or a local path (:data:`SOURCES`, resolved by :mod:`helpers.sources`).
 
 Pick one with the ``MMPHI_PROFILE`` environment variable or the ``PROFILE`` parameter cell of a notebook;
-without either, ``full`` is chosen when CUDA is available and ``tiny`` otherwise. Any field can then be changed
+without either the profile is ``tiny``, on a GPU too: the full profile's hours start only when asked for. Any field can then be changed
 without editing code: ``MMPHI_SETTINGS="instruct.max_steps=3,n_train_samples=64"`` or the ``SETTINGS`` parameter
 of a notebook (``{"instruct.max_steps": 3, "phi2": "/data/phi-2"}``), and each source by its own environment
 variable (``MMPHI_PHI2=/data/phi-2``). See :func:`get_profile`.
@@ -62,7 +62,8 @@ SOURCES = {
                             "answer A-D, category), a folder or repo holding it or the file itself", "dataset"),
 }
 # Hub revisions the course was checked against (a user can override with "<id>@<revision>"). Only Phi-2's commit
-# is known exactly (../shared/hub_formats.md); the other repositories are read at "main" until a full run pins them.
+# is known exactly (read from its Hub page when the course was written); the other repositories are read at "main"
+# until a full run pins them.
 PINNED_REVISIONS = {"microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23"}
 
 
@@ -331,16 +332,13 @@ PROFILES = {"tiny": TINY, "full": FULL}
 
 
 def default_profile_name() -> str:
-    name = os.environ.get(PROFILE_ENV)
-    if name:
-        return name
-    import torch
-
-    return "full" if torch.cuda.is_available() else "tiny"
+    """``$MMPHI_PROFILE``, else "tiny": a GPU never starts the full profile's hours of downloads and training unless
+    it is asked for (``PROFILE = "full"`` in a notebook, ``MMPHI_PROFILE=full``, ``--profile full``)."""
+    return os.environ.get(PROFILE_ENV) or "tiny"
 
 
 def get_profile(name: str | None = None, settings: dict | None = None) -> Profile:
-    """The profile called `name` (or the one chosen by ``MMPHI_PROFILE`` / the hardware when `name` is None), with
+    """The profile called `name` (or ``MMPHI_PROFILE``, else "tiny", when `name` is None), with
     the user's settings applied, in this order (a later one wins):
 
     1. each source's environment variable (``MMPHI_PHI2``, ``MMPHI_COCO``, ... : :data:`SOURCES`);

@@ -51,7 +51,7 @@ def main(argv=None):
     from .config import default_profile_name
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else by hardware)")
+    parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else tiny)")
     parser.add_argument("--output", default=os.environ.get("MMPHI_OUTPUT_DIR", str(ROOT / "outputs")))
     parser.add_argument("--notebooks", nargs="*", default=NOTEBOOKS, help="which notebooks, in order")
     args = parser.parse_args(argv)

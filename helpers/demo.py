@@ -390,15 +390,10 @@ def build_app(backend: DemoBackend, title: str = "mmphi · ask about an image") 
     return app
 
 
-def in_colab() -> bool:
-    import sys
-
-    return "google.colab" in sys.modules
-
-
-def launch(app, **kwargs):
-    """Inline in Jupyter/Colab/SageMaker without blocking the kernel; a public link only in Colab."""
-    options = dict(share=in_colab(), prevent_thread_lock=True)
+def launch(app, share: bool = False, **kwargs):
+    """Inline in Jupyter/Colab/SageMaker without blocking the kernel. ``share=True`` opens a public gradio.live link
+    (anyone who has it can use the assistant while it runs; in Colab the browser's microphone needs it): opt-in."""
+    options = dict(share=share, prevent_thread_lock=True)
     options.update(kwargs)
     return app.launch(**options)
 
@@ -492,7 +487,7 @@ def main(argv=None):
     from .config import Paths, get_profile
 
     parser = argparse.ArgumentParser(description="mmphi demo: ask about an image by text or voice")
-    parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else by hardware)")
+    parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else tiny)")
     parser.add_argument("--output", default=None, help="outputs folder (default: $MMPHI_OUTPUT_DIR or ./outputs)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="0.0.0.0 to serve other machines (Spaces set GRADIO_SERVER_NAME)")

@@ -1,7 +1,7 @@
 """Stage 02: frozen vision tower -> trainable projector -> frozen LLM, trained on image captions.
 
 Because the vision tower is frozen, its features never change: they are computed once, cached in a safetensors
-file and the projector trains from the cache (the earlier capstones ran CLIP at every step). The forward pass is
+file and the projector trains from the cache (earlier attempts at this course ran CLIP at every step). The forward pass is
 LLaVA's own: projected features are handed to ``LlavaForConditionalGeneration`` as ``mm_encoder_outputs``.
 """
 from __future__ import annotations

@@ -33,15 +33,17 @@ STAGE_NOTEBOOKS = {"pretrain": "01_pretrain_phi.ipynb", "vision_tower": "02_proj
 
 
 def stage_time_estimate(profile, stage: str) -> str:
-    """How long training `stage` here would take, in words (the time plan on a GPU; CPU minutes in tiny)."""
+    """How long training `stage` here would take, in words: CPU minutes in tiny; on a GPU of the time plan's table,
+    its plan for stages 02 and 03 at the current settings; otherwise what is known."""
     if profile.world is not None:
         return "a few minutes on 2 CPU cores"
-    try:
-        from .time_plan import estimate_text
+    from .time_plan import detect_gpu, plan_time
 
-        return estimate_text(profile, stage)
-    except Exception:  # no time plan for this stage or GPU: say what is known
-        return "hours on a GPU (see the time plan printed by its notebook)"
+    gpu = detect_gpu()
+    if gpu is None or stage not in ("projection", "instruct"):
+        return "hours on a GPU (its notebook prints the time plan for the GPU it finds)"
+    plan = plan_time(profile, stage, gpu)
+    return f"about {plan.hours:.1f} h on this {gpu} at the current settings (helpers.time_plan)"
 
 
 def train_missing(profile, stage: str, problem: str, run) -> None:
@@ -61,6 +63,10 @@ def train_missing(profile, stage: str, problem: str, run) -> None:
 def show_setup(profile, paths: Paths) -> None:
     """What a notebook runs with: the profile, where its outputs go and (full) where every source comes from."""
     print(f"profile: {profile.name}   outputs: {paths.root.resolve()}")
+    if profile.world is not None and torch.cuda.is_available():
+        print(f"A GPU is here ({torch.cuda.get_device_name()}): this is still the tiny profile (minutes). The full "
+              "course (Phi-2, CLIP and the real data sets; hours per stage) starts only when asked for: "
+              'PROFILE = "full" in the parameters cell, or MMPHI_PROFILE=full.')
     if profile.world is None:
         from .sources import describe
 

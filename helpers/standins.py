@@ -4,7 +4,9 @@ The full profile reads Phi-2, CLIP ViT-B/32, phiyodr/coco2017 (+ the COCO images
 LLaVA-Instruct-150K, TinyStories, POPE, MMStar and an openai-whisper checkpoint. This module writes local copies of all
 of them *in the exact formats of the real repos* (file names, JSON keys and layout, parquet schemas, README YAML,
 shard names, safetensors/``.pt`` containers), but with random weights and synthetic data, so the full profile can
-be rehearsed offline. Every writer names the section of ``/work/shared/hub_formats.md`` it follows.
+be rehearsed offline. Every writer names the section (§) of the course's survey of the real Hub repositories
+("hub_formats", kept with the course's planning notes, not in this repository) it follows, and states the facts
+it relies on (sizes, keys, file names) in its own docstring or constants.
 
 Layout under the output folder ``root`` (other code depends on these paths)::
 

@@ -27,7 +27,7 @@ GPU:
   calibration below applies unchanged (it was fitted on an H200 in bf16): a T4's or a V100's fp16 figures are a
   plan on the same assumed fractions of their peaks, not a measurement.
 * **calibrated on measurements** – the efficiencies and the host's cost per kernel are fitted to the step times
-  measured on an H200 with the course's own code (``CALIBRATION_POINTS``; ../shared/README.md); the fit
+  measured on an H200 with the course's own code (``CALIBRATION_POINTS``, written out below); the fit
   reproduces them within ~15 %. Every other GPU is *assumed* to reach the same fractions of its own peaks (the
   printed plan says so); a GPU measurement of ``benchmarks/qlora_step.py`` on it replaces the assumption.
 * **the data** – micro-batches are padded to their longest row. With length-balanced micro-batches (the course's
@@ -329,7 +329,8 @@ class Calibration:
     source: str = ""
 
 
-# Step times measured on an H200 with the course's own code (random weights at real size; ../shared/README.md):
+# Step times measured on an H200 with the course's own code (random weights at real size, in an earlier session whose
+# raw log was not kept: these five figures are the record):
 # (stage, batch, tokens, gradient checkpointing, attention, loss, seconds per micro-step)
 CALIBRATION_POINTS = [
     ("instruct", 4, 1024, True, "efficient", "model", 0.56),  # 0.52-0.60 s
@@ -350,7 +351,7 @@ CALIBRATION_GPU = "H200"
 # GPU's host_factor; measured for stage 03 only, assumed for stage 02).
 CALIBRATION = Calibration(matmul_efficiency=0.45, bandwidth_efficiency=0.70, host_seconds_per_kernel=50e-6,
                           batch_overhead_seconds=0.28,
-                          source="fitted to 5 step times measured on an H200 (../shared/README.md) + 0.28 s per "
+                          source="fitted to 5 step times measured on an H200 (CALIBRATION_POINTS) + 0.28 s per "
                                  "micro-batch of real data (benchmarks/results/qlora_step_h200.json)")
 
 

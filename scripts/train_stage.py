@@ -107,7 +107,7 @@ def cache_features_on_main_process_first() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=sorted(STAGES))
-    parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else by hardware)")
+    parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else tiny)")
     parser.add_argument("--output", default=None, help="output root (default: $MMPHI_OUTPUT_DIR or ./outputs)")
     parser.add_argument("--batch-size", type=int, help="per-device batch size (default: the profile's)")
     parser.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default: the profile's)")

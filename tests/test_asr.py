@@ -1,7 +1,9 @@
 """Speech -> text: WER, 16 kHz audio, where the transcript goes, the missing-model message, a real round trip."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import wave
 
 import numpy as np
@@ -227,13 +229,32 @@ def test_bundled_model_is_pinned(monkeypatch):
 
 
 def test_espeak_to_whisper_round_trip(tmp_path):
+    """The tiny profile's recogniser hears the world's questions word for word, including the four that greedy int8
+    decoding misheard on some CPUs ("What shape are the green objects?" -> "What? Shave our green objects.")."""
     need_bundled_model()
     need_espeak()
-    sentences = ["Where is the green triangle?", "How many objects are there?", "What colour is the square?"]
+    sentences = ["Where is the green triangle?", "How many objects are there?", "What colour is the square?",
+                 "What shape are the green objects?", "What shape are the blue objects?", "Are there triangles?",
+                 "Are there circles?"]
     asr = speech.load_asr("tiny")
     heard = [asr.transcribe(speech.synthesize(s, tmp_path / f"{i}.wav")) for i, s in enumerate(sentences)]
-    assert speech.wer(sentences, heard) <= 0.1, heard
-    assert all(h.strip() for h in heard)
+    misheard = [(s, h) for s, h in zip(sentences, heard) if speech.word_errors(s, h)[0]]
+    assert not misheard, misheard
+
+
+def test_transcripts_are_cached_per_decoding_setting(tmp_path):
+    """Transcripts depend on the compute type and the beam: a cached greedy transcript is not reused for beam 5."""
+    need_bundled_model()
+    need_espeak()
+    beam5 = speech.load_asr("tiny", device="cpu")
+    greedy = speech.FasterWhisperTranscriber(dataclasses.replace(beam5.settings, beam_size=1, compute_type="int8"),
+                                             device="cpu")
+    assert beam5.name != greedy.name and "beam 5" in beam5.name and "int8" in greedy.name
+    wavs = {"Are there circles?": speech.synthesize("Are there circles?", tmp_path / "q.wav")}
+    audio_eval.transcribe_questions(greedy, wavs, tmp_path, progress=False)
+    audio_eval.transcribe_questions(beam5, wavs, tmp_path, progress=False)
+    cache = json.loads((tmp_path / "transcripts.json").read_text())
+    assert set(cache) == {greedy.name, beam5.name}
 
 
 def test_openai_whisper_backend_takes_16k_samples_without_ffmpeg(tmp_path):

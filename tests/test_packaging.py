@@ -175,3 +175,25 @@ def test_setup_script_pieces(tmp_path, monkeypatch):
     assert kept.read_text().splitlines() == ["# comment", "numpy==2.0.0", "nvidia-cublas-cu12==1.0"]
     installed.clear()
     assert setup.usable_constraints(pins) == (pins, [])
+
+
+def test_notebook_opened_alone_with_the_placeholder_or_a_bad_repository_says_what_to_do(tmp_path):
+    """Opened alone (no checkout, `helpers` not importable), the first cell stops with what to do instead of a
+    CalledProcessError: for the placeholder repository at once; for a repository git cannot fetch, after git's own
+    message, without waiting for a password (GIT_TERMINAL_PROMPT=0). Catches a setup cell that tracebacks or hangs."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    script = cell_as_script(ROOT / "01_pretrain_phi.ipynb")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("COURSE_")}
+    # -S: no site-packages, so neither the editable course nor anything else is importable ("opened alone")
+    placeholder = subprocess.run([sys.executable, "-S", "-c", script], cwd=alone, env=env, capture_output=True,
+                                 text=True, timeout=60)
+    assert placeholder.returncode == 1 and "course is not published yet" in placeholder.stderr, placeholder.stderr
+    assert "Traceback" not in placeholder.stderr
+    if shutil.which("git") is None:
+        skip_or_fail("git is needed to try fetching from a repository")
+    env.update(COURSE_REPO=str(tmp_path / "no-such-repository"), COURSE_REF="v0")
+    missing = subprocess.run([sys.executable, "-S", "-c", script], cwd=alone, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 1 and "Could not fetch the course from" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -1,4 +1,4 @@
-"""benchmarks/seeds.py: the README's seeds table is generated from the committed results file, and the bars are
+"""benchmarks/seeds.py: docs/seeds.md's seeds table is generated from the committed results file, and the bars are
 applied as the issue states them."""
 import importlib.util
 import json
@@ -45,14 +45,14 @@ def test_table_has_a_row_per_run_and_a_column_per_type():
     assert "Some CPU, 2 cores" in table
 
 
-def test_readme_table_is_the_committed_results():
+def test_seeds_doc_table_is_the_committed_results():
     seeds = _seeds_module()
     files = seeds.result_files()
     if not files:
         skip_or_fail("no committed results yet in benchmarks/results (python benchmarks/seeds.py)")
-    readme = (ROOT / "README.md").read_text()
-    assert seeds.readme_block(files) in readme, \
-        "README's seeds table differs from benchmarks/results: run python benchmarks/seeds.py --update-readme"
+    doc = (ROOT / "docs" / "seeds.md").read_text()
+    assert seeds.table_block(files) in doc, \
+        "docs/seeds.md's table differs from benchmarks/results: run python benchmarks/seeds.py --update-doc"
     for path in files:
         data = json.loads(path.read_text())
         assert data["runs"] and all("heldout_accuracy_by_type" in r for r in data["runs"])
