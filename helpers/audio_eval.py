@@ -17,10 +17,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import asr as speech
-from . import reporting
-from .chat_template import IMAGE_TOKEN
+from . import reporting, stages
+from .chat_template import IMAGE_TOKEN, user_message
+from .evaluation import judge_freeform
+from .inference import evaluate_conversations, load_assistant
 from .multimodal_data import Record
-
 
 
 def typed_question(message: dict) -> str:
@@ -93,8 +94,6 @@ def transcribe_questions(asr, wavs: dict[str, Path], audio_dir: Path, progress: 
 def spoken_records(records: list[Record], transcripts: dict[str, str]) -> list[Record]:
     """The same conversations with every user turn replaced by what Whisper heard (tidied like a typed
     question); answers stay gold. ``meta["typed"]`` keeps the original questions."""
-    from .chat_template import user_message
-
     out = []
     for r in records:
         messages, typed = [], []
@@ -149,9 +148,6 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
 
     Writes ``metrics/04_audio.json`` and ``metrics/04_spoken_answers.json``. Returns a StageResult whose
     samples are rows with both answers."""
-    from . import stages
-    from .inference import evaluate_conversations
-
     start = time.perf_counter()
     if max_questions == -1:
         # Profile.n_audio_questions (tiny: all 900 held-out questions, made of a few dozen distinct sentences;
@@ -168,13 +164,9 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
     transcripts = transcribe_questions(asr, wavs, audio_dir, progress)
     t2 = time.perf_counter()
     if model is None:
-        from .inference import load_assistant
-
         model, processor = load_assistant(stages.ensure_assistant(profile, paths))
     judge = None
     if not all(r.meta.get("types") for r in records):  # free-form answers (full): the documented rule
-        from .evaluation import judge_freeform
-
         def judge(predicted, expected):
             return judge_freeform(predicted, expected)["correct"]
     typed = evaluate_conversations(model, processor, records, max_new_tokens=profile.max_new_tokens,

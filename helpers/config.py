@@ -177,8 +177,11 @@ class Profile:
     # hours, so it must be asked for explicitly)
     train_missing_stages: bool = False
     # on a GPU: stages 02 and 03 get the micro-batch, accumulation, checkpointing and amount of data that the memory
-    # and time plans say fit this many hours on the GPU found (helpers.time_plan.fit_to_gpu); None = as written
+    # and time plans say fit this many hours on the GPU found, when a notebook asks for it (helpers.time_plan.fit_to_gpu;
+    # reading a profile never looks at the hardware); None = as written
     gpu_hours_per_stage: float | None = None
+    # the settings the user gave (environment, MMPHI_SETTINGS, SETTINGS), by key: fit_to_gpu never changes these
+    pinned: frozenset = frozenset()
     # stage 01: the small Phi pretrained from scratch (in tiny mode it is *the* LLM of the course)
     pretrain_phi: PhiSpec = field(default_factory=PhiSpec)
     pretrain: StageSpec = field(default_factory=lambda: StageSpec(learning_rate=1e-3, batch_size=32))
@@ -353,10 +356,6 @@ def get_profile(name: str | None = None, settings: dict | None = None) -> Profil
         raise ValueError(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          f"(set {PROFILE_ENV} or the PROFILE parameter of the notebook).")
     profile = PROFILES[name]
-    if profile.gpu_hours_per_stage:  # the recipe for the GPU found (if any), before the user's settings: they win
-        from .time_plan import fit_to_gpu
-
-        profile = fit_to_gpu(profile)
     from_env = {key: os.environ[src.env] for key, src in SOURCES.items() if os.environ.get(src.env)}
     profile = with_settings(profile, from_env, origin="environment")
     profile = with_settings(profile, parse_settings(os.environ.get(SETTINGS_ENV, "")), origin=SETTINGS_ENV)
@@ -418,7 +417,7 @@ def with_settings(profile: Profile, settings: dict, origin: str = "settings") ->
                              f"(it has {', '.join(f.name for f in dataclasses.fields(spec))})")
         spec = dataclasses.replace(spec, **{rest: _converted(value, getattr(spec, rest), key)})
         profile = profile.replace(**{head: spec})
-    return profile
+    return profile.replace(pinned=profile.pinned | set(settings))
 
 
 def output_dir(profile: Profile, root: str | os.PathLike | None = None) -> Path:

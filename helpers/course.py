@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import default_profile_name
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01_pretrain_phi", "02_projection", "03_qlora_instruct", "04_audio_pipeline", "05_demo"]
 
@@ -48,8 +50,6 @@ def run(names, profile: str, output: Path, timeout: int = 3600) -> dict:
 
 
 def main(argv=None):
-    from .config import default_profile_name
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else tiny)")
     parser.add_argument("--output", default=os.environ.get("MMPHI_OUTPUT_DIR", str(ROOT / "outputs")))

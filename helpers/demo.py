@@ -26,8 +26,11 @@ import torch
 from PIL import Image
 
 from . import asr as speech
-from . import reporting
+from . import fast_generation, reporting
 from .chat_template import prompt_for_next_answer, user_message
+from .config import Paths, get_profile
+from .inference import load_assistant
+from .stages import ensure_assistant
 
 NO_IMAGE = "Upload an image first: the assistant answers questions about a picture."
 NO_QUESTION = "Type a question, or record or upload a spoken one."
@@ -111,8 +114,6 @@ class DemoBackend:
 
     # ------------------------------------------------------------------------------------ fast generation
     def _start_fast_generation(self, fast: bool | None):
-        from . import fast_generation
-
         on_gpu = next(self.model.parameters()).device.type == "cuda"
         if fast is None:
             fast = on_gpu and fast_generation.enabled() and fast_generation.supports(self.model)[0]
@@ -146,9 +147,6 @@ class DemoBackend:
     def from_profile(cls, profile, paths, load_speech: bool = True, checkpoint=None):
         """The stage-03 assistant (trained on the spot with a NOTICE when missing; or the saved assistant at
         `checkpoint`, then `paths` is not used) + the profile's Whisper."""
-        from .inference import load_assistant
-        from .stages import ensure_assistant
-
         # in the course's precision (helpers.precision: bf16 / fp16 with fp32 attention scores / fp32)
         model, processor = load_assistant(checkpoint or ensure_assistant(profile, paths))
         loader = (lambda: speech.try_load_asr(profile)) if load_speech else (lambda: (None, "voice input is off"))
@@ -483,8 +481,6 @@ def plot_latency(log: list[TurnLog], path=None):
 def main(argv=None):
     """``python app.py``: the demo as a web app (a Hugging Face Space runs exactly this)."""
     import argparse
-
-    from .config import Paths, get_profile
 
     parser = argparse.ArgumentParser(description="mmphi demo: ask about an image by text or voice")
     parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else tiny)")

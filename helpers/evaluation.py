@@ -32,7 +32,9 @@ from collections import defaultdict
 
 from PIL import Image
 
+from . import reporting
 from .chat_template import prompt_for_next_answer
+from .inference import blank_like, generate_answers, generation_batch_size, left_padding, plot_accuracy
 
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 STOP_WORDS = frozenset("""a an the and or but if then so of in on at to for from by with without about into over under
@@ -79,8 +81,6 @@ def evaluate_pope(model, processor, questions: list[dict], batch_size: int | Non
 
     blind: every image replaced by a blank one (``helpers.inference.blank_like``), the baseline the real score is
     read against: what a model says blind comes from the question's words alone."""
-    from .inference import blank_like, generate_answers, generation_batch_size
-
     from tqdm.auto import tqdm
 
     eos = processor.tokenizer.eos_token
@@ -151,8 +151,6 @@ def letter_logprobs(model, processor, images: list, prompts: list[str], token_id
     the better of its spellings (" B" or "B": the model may prefer either after "ASSISTANT:")."""
     import torch
 
-    from .inference import left_padding
-
     with left_padding(processor.tokenizer):
         inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -191,8 +189,6 @@ def evaluate_mmstar(model, processor, questions: list[dict], blind: bool = False
     the standard suffix; score the greedy answer's letter (:func:`mmstar_letter`) and the likelier next-token letter
     (:func:`letter_logprobs`). blind: every image replaced by a blank one (``helpers.inference.blank_like``)."""
     from tqdm.auto import tqdm
-
-    from .inference import blank_like, generate_answers, generation_batch_size
 
     eos = processor.tokenizer.eos_token
     prompts = [prompt_for_next_answer([], q["question"] + MMSTAR_SUFFIX, eos) for q in questions]
@@ -258,8 +254,6 @@ def evaluate_freeform(model, processor, records, n: int, max_new_tokens: int = 1
     """Answer `n` held-out free-form questions and judge them with :func:`judge_freeform`."""
     from tqdm.auto import tqdm
 
-    from .inference import generate_answers, generation_batch_size
-
     eos = processor.tokenizer.eos_token
     jobs = freeform_jobs(records, n)
     prompts = [prompt_for_next_answer(j["history"], j["question"], eos) for j in jobs]
@@ -287,12 +281,8 @@ def show_scores(metrics: dict, figures_dir=None) -> None:
     """Notebook 03's scores: exact match per question type (tiny world), or the free-form rule and POPE (full)."""
     from pathlib import Path
 
-    from . import reporting
-
     figures_dir = Path(figures_dir) if figures_dir is not None else None
     if "heldout_accuracy" in metrics:
-        from .inference import plot_accuracy
-
         plot_accuracy(metrics["heldout_accuracy_by_type"], metrics["heldout_accuracy"],
                       figures_dir / "03_accuracy.png" if figures_dir else None)
         print(f"overall exact match: {metrics['heldout_accuracy']:.1%} on {metrics['n_heldout_questions']} "
@@ -344,8 +334,6 @@ def show_scores(metrics: dict, figures_dir=None) -> None:
 
 def show_mmstar(real: dict, blind: dict | None = None) -> None:
     """MMStar per category: the generated letter (headline) and the likelier letter, real and blind."""
-    from . import reporting
-
     blind = blind or {}
 
     def pct(scores, method, split):
@@ -363,8 +351,6 @@ def show_mmstar(real: dict, blind: dict | None = None) -> None:
 
 def sample_table(rows: list[dict], n: int = 12, n_wrong: int = 8) -> None:
     """Some answers and some mistakes, with the columns the rows have."""
-    from . import reporting
-
     if not rows:
         print("no held-out answers")
         return
@@ -423,8 +409,6 @@ def comparison_rows(metrics: dict) -> list[dict]:
 
 def compare_with_published(metrics: dict) -> None:
     """Notebook 03 (full profile): the comparison table; nothing in the tiny profile (no MMStar or POPE there)."""
-    from . import reporting
-
     if not (metrics.get("mmstar") or metrics.get("pope")):
         print("no MMStar or POPE scores in this run (tiny profile, or n_mmstar_questions = n_pope_questions = 0)")
         return

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from . import precision, reporting
-from .chat_template import prompt_for_next_answer
+from .chat_template import prompt_for_next_answer, user_message
+from .fast_generation import generate_greedy
 
 
 @contextmanager
@@ -44,7 +45,6 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
     model.eval()
-    from .fast_generation import generate_greedy
 
     out = generate_greedy(model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
                           max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
@@ -185,8 +185,6 @@ class Assistant:
 
 
 def prompt_user_content(history: list[dict], question: str) -> str:
-    from .chat_template import user_message
-
     return user_message(question, with_image=not history)["content"]
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .encoding import PadCollator
 from . import precision
+from .chat_template import prompt_for_next_answer
+from .encoding import PadCollator
+from .inference import generate_answers
 from .training import CachedFeatureTrainer, train, training_arguments
 
 SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
@@ -88,8 +90,6 @@ def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=N
     follows ``profile.checkpointing("instruct")`` (set by ``add_lora``); ``helpers.time_plan.recipe_for_gpu`` says
     when a GPU needs it. `eval_dataset` (held-out conversations): its answer loss is measured at every
     checkpoint, for the validation curve."""
-    from .time_plan import training_callbacks
-
     if eval_dataset is not None:
         overrides = {"eval_strategy": "steps", "prediction_loss_only": True,
                      "per_device_eval_batch_size": profile.instruct.batch_size, **overrides}
@@ -98,8 +98,7 @@ def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=N
                               **overrides)
     if eval_dataset is not None:
         args.eval_steps = args.save_steps  # a validation point at every checkpoint
-    # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
-    callbacks = list(callbacks or []) + training_callbacks(profile, "instruct", dataset)
+    callbacks = list(callbacks or [])
     trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                                    data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks,
                                    projector_learning_rate=profile.projector_learning_rate,
@@ -114,9 +113,6 @@ def sample_answers_callback(processor, records, n_questions: int = 3, max_new_to
     ``callback.rows`` as {"step", "question", "expected", "answer"}."""
     from PIL import Image
     from transformers import TrainerCallback
-
-    from .chat_template import prompt_for_next_answer
-    from .inference import generate_answers
 
     jobs = []
     for r in records[:n_questions]:

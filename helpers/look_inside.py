@@ -9,7 +9,12 @@ import html
 
 import torch
 
-from .reporting import show_table
+from .encoding import encode_conversation
+from .modeling import vision_features
+from .pretrain import pack_documents
+from .reporting import save_and_show, show_table
+from .tokenizer import image_token_id
+from .training import _llava_of, project_cached_features
 
 # ----------------------------------------------------------------------------------------------- 01: text
 
@@ -25,8 +30,6 @@ def token_table(tok, text: str) -> list[dict]:
 
 def show_packing(tok, documents: list[str], block_size: int) -> dict:
     """`pretrain.pack_documents` on a few documents: which document each position holds, and the mask."""
-    from .pretrain import pack_documents
-
     ids, mask = pack_documents(tok, documents, block_size)
     lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in documents]  # + EOS
     width = ids.shape[1]  # block_size, or less when even the fullest block is shorter
@@ -44,8 +47,6 @@ def plot_batch_mask(mask: torch.Tensor, title: str = "attention mask of one batc
     """An image of a batch's attention mask: rows are examples, columns positions (dark = a real token)."""
     import matplotlib.pyplot as plt
 
-    from .reporting import save_and_show
-
     fig, ax = plt.subplots(figsize=(7, max(1.2, 0.18 * mask.shape[0])))
     ax.imshow(mask.numpy(), aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
     ax.set_xlabel("position in the block")
@@ -61,9 +62,6 @@ def plot_batch_mask(mask: torch.Tensor, title: str = "attention mask of one batc
 def image_journey(model, processor, image, layer: int, prompt: str) -> dict:
     """One image through the model: pixels -> patches -> CLIP features -> projector -> the <image> placeholders it
     replaces in the prompt. Prints each shape and returns them."""
-    from .modeling import vision_features
-    from .training import project_cached_features, _llava_of
-
     llava = _llava_of(model)
     tower = llava.model.vision_tower
     device = next(tower.parameters()).device
@@ -89,8 +87,6 @@ def image_journey(model, processor, image, layer: int, prompt: str) -> dict:
 
 def projector_summary(model) -> dict:
     """The projector's layers and parameter count."""
-    from .training import _llava_of
-
     projector = _llava_of(model).model.multi_modal_projector
     rows = [{"layer": name, "shape": tuple(p.shape), "parameters": p.numel()}
             for name, p in projector.named_parameters()]
@@ -141,9 +137,6 @@ def label_mask_html(tok, input_ids: list[int], labels: list[int], image_token_id
 
 def show_label_mask(tok, messages: list[dict], image_seq_length: int) -> dict:
     """Render one conversation as training sees it, with the loss tokens marked; returns the counts."""
-    from .encoding import encode_conversation
-    from .tokenizer import image_token_id
-
     enc = encode_conversation(tok, messages, image_seq_length)
     targets = sum(label != -100 for label in enc["labels"])
     try:
@@ -221,8 +214,6 @@ def plot_speech(samples, sample_rate: int, transcript: str, path=None):
     transcript as the title. Returns the spectrogram's shape (mel bins, 10 ms frames)."""
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from .reporting import save_and_show
 
     mel = log_mel(samples).numpy()
     fig, (wave_ax, mel_ax) = plt.subplots(1, 2, figsize=(10, 2.4), gridspec_kw={"width_ratios": [1, 1.3]})

@@ -62,6 +62,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import precision
+from .config import StageSpec, get_profile
+from .instruct import SKIP_QUANTIZATION, add_lora
+from .modeling import clip_vision_config, llava_config, phi_config
+from .precision import FP32_ATTENTION, choose
+from .training import _llava_of, chunked_cross_entropy_sum, loss_chunk_tokens, project_cached_features
+
 GiB = 1024 ** 3
 
 # -------------------------------------------------------------------------------------------------- hardware
@@ -143,7 +150,6 @@ def _stage(stage: str) -> str:
 
 def _profile(profile):
     if isinstance(profile, str):
-        from .config import get_profile
 
         return get_profile(profile)
     return profile
@@ -154,7 +160,6 @@ def meta_llava(profile, dtype: torch.dtype = torch.float32, tok=None):
     config functions (helpers.modeling.phi_config / clip_vision_config / llava_config)."""
     from transformers import LlavaForConditionalGeneration
 
-    from .modeling import clip_vision_config, llava_config, phi_config
 
     profile = _profile(profile)
     tok = tok or StandInTokenizer.for_profile(profile)
@@ -169,7 +174,6 @@ def meta_llava(profile, dtype: torch.dtype = torch.float32, tok=None):
 
 
 def _llava(model):
-    from .training import _llava_of
 
     return _llava_of(model)
 
@@ -206,7 +210,6 @@ def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int
 
 def _quantized_linear_names(model) -> list[str]:
     """The nn.Linear modules transformers would quantize: all but the skipped ones (helpers.instruct)."""
-    from .instruct import SKIP_QUANTIZATION
 
     names = []
     for name, module in model.named_modules():
@@ -233,7 +236,6 @@ def stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: b
 
 def model_key(profile):
     """The profile reduced to what shapes the stages' models (hashable; a cache key)."""
-    from .config import StageSpec
 
     profile = _profile(profile)
     unit = StageSpec(learning_rate=1.0, batch_size=1)
@@ -251,7 +253,6 @@ def _stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: 
 def attention_for(compute_dtype: torch.dtype) -> str:
     """The attention implementation the course builds its models with when it trains in `compute_dtype`
     (``helpers.precision.Precision.attention``: the fp32-score attention in fp16, stock SDPA otherwise)."""
-    from . import precision
 
     name = {dtype: name for name, dtype in precision.DTYPES.items()}[compute_dtype]
     return precision.Precision(name, "meta").attention
@@ -271,7 +272,6 @@ def _build_stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_
         return model, set()
     # stage 03 (helpers.instruct): 4-bit LLM linears, everything else upcast to fp32 by
     # prepare_model_for_kbit_training, LoRA adapters (fp32) + a trainable fp32 copy of the projector
-    from .instruct import add_lora
 
     if lora_r is not None:
         profile = profile.replace(lora_r=lora_r, lora_alpha=2 * lora_r)
@@ -455,7 +455,6 @@ def loss_backward_transient(loss: str, batch_size: int, seq_length: int, vocab: 
       recomputed (bf16 logits freed after their fp32 copy) and differentiated: its saved fp32 log-softmax, the incoming
       and the outgoing fp32 gradient: 3 x 4 bytes per logit of one chunk.
     """
-    from .training import loss_chunk_tokens
 
     if loss == "model":
         return 2 * 4 * batch_size * seq_length * vocab
@@ -485,7 +484,6 @@ def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch
     ``loss="model"``: the model's own loss (labels = input ids, full logits). ``loss="answer"``: the answer-only
     chunked loss of ``helpers.training.answer_only_loss``, with ``answer_fraction`` of the positions as targets
     (meta tensors cannot be indexed by a data-dependent mask, so the gather is emulated with the same cost)."""
-    from .training import chunked_cross_entropy_sum, project_cached_features
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}")
@@ -509,7 +507,6 @@ def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch
         # without an attention mask transformers looks for packed sequences in the position ids (.item() again)
         no_packing = unittest.mock.patch("transformers.masking_utils.find_packed_sequence_indices",
                                          lambda position_ids: None)
-        from .precision import FP32_ATTENTION
 
         semantics = _CudaSemantics(autocast_dtype, attention,
                                    fp32_attention=config.text_config._attn_implementation == FP32_ATTENTION)
@@ -780,8 +777,6 @@ def precision_for(gpu, precision: str = "auto") -> str:
     """The precision a stage trains in on `gpu`: ``"auto"`` is the course's policy (``helpers.precision.choose``:
     bf16 where the GPU has native bf16, fp16 otherwise); "bf16", "fp16" or "fp32" are taken as given."""
     if precision == "auto":
-        from .precision import choose
-
         return choose(cuda=True, bf16=_gpu(gpu).native_bf16)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, not {precision!r}")

@@ -14,8 +14,12 @@ import torch
 from torch.utils.data import Dataset
 
 from . import precision
+from .chat_template import render, user_message
+from .hub_data import pretrain_texts
+from .inference import left_padding, normalise
 from .modeling import new_phi_lm
-from .training import training_arguments
+from .training import CourseTrainer, train, training_arguments
+from .world import CAPTION_REQUEST, QUESTION_TYPES, ask, build_world, caption, sample_scene, vocabulary
 
 
 class PackedBlocks(Dataset):
@@ -106,10 +110,7 @@ def read_corpus(path: str | Path) -> list[str]:
 def load_text_documents(profile, paths) -> list[str]:
     """Tiny: the synthetic world's corpus. Full: clean text from the Hub (TinyStories by default)."""
     if profile.world is not None:
-        from .world import build_world
-
         return read_corpus(build_world(paths.world, profile.world).corpus)
-    from .hub_data import pretrain_texts
 
     return pretrain_texts(profile, profile.n_train_samples or 20000)
 
@@ -119,8 +120,6 @@ def pretrain(profile, paths, tok, documents: list[str], callbacks=None, resume=N
 
     Checkpoints go to ``<stage>/trainer/checkpoint-<step>`` every `save_steps` (default: every 25 % of the run);
     `resume` (default: automatically from the latest valid one) is explained in ``helpers.training.train``."""
-    from .training import CourseTrainer, train
-
     packed = pack_documents(tok, documents, profile.pretrain_block_size)
     train_blocks, heldout = split_blocks(packed, seed=profile.seed)
     model = new_phi_lm(profile.pretrain_phi, tok, seed=profile.seed)
@@ -145,9 +144,6 @@ def text_answer_accuracy(model, tok, probes: list[dict], batch_size: int = 64, m
     Each probe is rendered with the course's one chat template up to ``ASSISTANT:``; generation is batched with
     left padding, KV-cached and stops at EOS. Returns overall and per-type accuracy."""
     from collections import defaultdict
-
-    from .chat_template import render
-    from .inference import left_padding, normalise
 
     model.eval()
     correct = defaultdict(list)
@@ -189,9 +185,6 @@ def sample_prompts(profile, n_scenes: int = 2) -> list[str]:
     if profile.world is None:
         return list(STORY_PROMPTS)
     import random
-
-    from .chat_template import render, user_message
-    from .world import CAPTION_REQUEST, QUESTION_TYPES, ask, caption, sample_scene, vocabulary
 
     vocab = vocabulary(profile.world.world_seed)  # the objects and wording of the profile's world
     rng = random.Random(12345)

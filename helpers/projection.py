@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from . import precision
 from .encoding import PadCollator
 from .modeling import assemble_llava, count_parameters, freeze
 from .multimodal_data import ConversationDataset
-from . import precision
-from .training import CachedFeatureTrainer, train, training_arguments
+from .sources import model_path
+from .training import CachedFeatureTrainer, project_cached_features, train, training_arguments
 from .vision import cache_features, load_vision_tower
 
 
@@ -20,8 +21,6 @@ def load_base_lm(profile, paths):
     from transformers import PhiForCausalLM
 
     if profile.llm_checkpoint:
-        from .sources import model_path
-
         source = model_path(profile, "phi2")
     elif (paths.base_lm / "config.json").exists():
         source = paths.base_lm
@@ -69,14 +68,10 @@ def make_dataset(records, tok, profile, features, index, spec):
 def train_projector(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
                     **overrides):
     """Train the projector; checkpoints (projector weights only) and `resume` as in ``helpers.training.train``."""
-    from .time_plan import training_callbacks
-
     args = training_arguments(profile.projection, paths.stage_dir("02_projection") / "trainer", profile.seed,
                               n_examples=len(dataset), save_steps=save_steps, **overrides)
-    # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
-    callbacks = list(callbacks or []) + training_callbacks(profile, "projection", dataset)
     trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
-                                   data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks)
+                                   data_collator=PadCollator(tok.pad_token_id), callbacks=list(callbacks or []))
     train(trainer, resume)
     return trainer
 
@@ -84,8 +79,6 @@ def train_projector(model, dataset, tok, profile, paths, callbacks=None, resume=
 @torch.no_grad()
 def mean_conversation_loss(model, dataset, tok, batch_size: int = 64, use_pixels=None) -> float:
     """Answer-token-weighted loss on `dataset` through the cached-feature path."""
-    from .training import project_cached_features
-
     model.eval()
     collate = PadCollator(tok.pad_token_id)
     device = next(model.parameters()).device

@@ -8,8 +8,40 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reporting
+from . import look_inside, reporting
+from .chat_template import prompt_for_next_answer, render
 from .config import Paths
+from .evaluation import evaluate_freeform, evaluate_mmstar, evaluate_pope
+from .hub_data import (
+    coco_caption_files,
+    coco_image_id,
+    llava_instruct_files,
+    mmstar_questions,
+    pope_image_ids,
+    pope_questions,
+)
+from .inference import evaluate_conversations, generate_answers, load_assistant
+from .instruct import (
+    add_lora,
+    check_export,
+    export_merged,
+    load_4bit_llava,
+    prompt_logits,
+    quantized_module_names,
+    sample_answers_callback,
+    train_instruct,
+)
+from .modeling import count_parameters, image_processor, make_processor
+from .multimodal_data import CAPTION_INSTRUCTION, read_coco_captions, read_llava_instruct
+from .precision import current, device_map
+from .pretrain import load_text_documents, mean_loss, pretrain, read_corpus, text_answer_accuracy, uniform_loss
+from .projection import build_projection_model, feature_table, make_dataset, mean_conversation_loss, train_projector
+from .sources import describe, model_path
+from .time_plan import detect_gpu, plan_time, training_callbacks
+from .tokenizer import load_tokenizer, train_bpe_tokenizer
+from .training import free_accelerator_memory, loss_history, reset_peak_memory, run_figures, set_cpu_threads
+from .vision import retrieval_accuracy, save_vision_tower, train_tiny_clip
+from .world import blind_chance_by_type, build_world, described_questions, vocabulary
 
 
 @dataclass
@@ -37,8 +69,6 @@ def stage_time_estimate(profile, stage: str) -> str:
     its plan for stages 02 and 03 at the current settings; otherwise what is known."""
     if profile.world is not None:
         return "a few minutes on 2 CPU cores"
-    from .time_plan import detect_gpu, plan_time
-
     gpu = detect_gpu()
     if gpu is None or stage not in ("projection", "instruct"):
         return "hours on a GPU (its notebook prints the time plan for the GPU it finds)"
@@ -68,16 +98,7 @@ def show_setup(profile, paths: Paths) -> None:
               "course (Phi-2, CLIP and the real data sets; hours per stage) starts only when asked for: "
               'PROFILE = "full" in the parameters cell, or MMPHI_PROFILE=full.')
     if profile.world is None:
-        from .sources import describe
-
         reporting.show_table(describe(profile), ["setting", "value", "kind", "revision"])
-    if profile.gpu_hours_per_stage and torch.cuda.is_available():
-        from .time_plan import fitted_recipe_summary
-
-        print(fitted_recipe_summary(profile)
-              or f"{torch.cuda.get_device_name()}: no time plan for this GPU, the settings are as written")
-        print("(these are the settings unless SETTINGS / MMPHI_SETTINGS say otherwise; what runs is printed by "
-              "each training cell)")
 
 
 # Every training stage checkpoints into <output>/<profile>/<stage>/trainer/checkpoint-<step> (every 25 % of its steps
@@ -90,17 +111,12 @@ def ensure_world(profile, paths: Paths):
     """Tiny: the synthetic world's files (generated once). Full: None (data comes from the Hub)."""
     if profile.world is None:
         return None
-    from .world import build_world
 
     return build_world(paths.world, profile.world)
 
 
 def ensure_tokenizer(profile, paths: Paths):
-    from .tokenizer import load_tokenizer, train_bpe_tokenizer
-
     if profile.tokenizer_checkpoint:  # Phi-2's own tokenizer, from the phi2 source (Hub id or local path)
-        from .sources import model_path
-
         return load_tokenizer(model_path(profile, "phi2"))
     world = ensure_world(profile, paths)
     made_for = paths.tokenizer / "world_settings.json"  # the tokenizer is trained on this world's text
@@ -109,9 +125,6 @@ def ensure_tokenizer(profile, paths: Paths):
         return load_tokenizer(paths.tokenizer)
     # tiny: the pretraining corpus plus the training conversations as the chat template renders them, so the
     # text around <image> ("\nWhat ...") is tokenized as in training
-    from .chat_template import render
-    from .pretrain import read_corpus
-
     train, _ = instruct_records(profile, paths, "train")
     texts = read_corpus(world.corpus) + [render(r.messages) for r in train]
     tok = train_bpe_tokenizer(texts, vocab_size=min(400, profile.phi.vocab_size), out_dir=paths.tokenizer)
@@ -120,12 +133,9 @@ def ensure_tokenizer(profile, paths: Paths):
 
 
 def caption_records(profile, paths, split: str):
-    from .multimodal_data import read_coco_captions
-
     if profile.world is not None:
         world = ensure_world(profile, paths)
         return read_coco_captions(world.captions(split), world.images(split))
-    from .hub_data import coco_caption_files
 
     annotation_file, image_dir = coco_caption_files(profile, paths, split)  # n_train_samples *images*
     records, report = read_coco_captions(annotation_file, image_dir)
@@ -135,12 +145,9 @@ def caption_records(profile, paths, split: str):
 
 
 def instruct_records(profile, paths, split: str):
-    from .multimodal_data import read_llava_instruct
-
     if profile.world is not None:
         world = ensure_world(profile, paths)
         return read_llava_instruct(world.instruct(split), world.images(split))
-    from .hub_data import llava_instruct_files
 
     json_file, image_dir = llava_instruct_files(profile, paths, split)  # split by image, sizes from the profile
     records, report = read_llava_instruct(json_file, image_dir)
@@ -156,8 +163,6 @@ def drop_pope_images(profile, records, report, where: str, unit: str):
     Applied to the records read for training, after whatever ``hub_data`` prepared or cached, so no earlier
     preparation can bring them back. What was removed is printed and kept in ``report.pope_heldout``
     ({"evaluated_images", "images", <unit>}), which the stages record as ``pope_heldout_removed``."""
-    from .hub_data import coco_image_id, pope_image_ids
-
     evaluated = pope_image_ids(profile)
     if not evaluated:
         return records
@@ -177,9 +182,6 @@ TEXT_PROBE_SCENES = 100  # fresh scenes whose caption is given in words, then on
 
 
 def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
-    from .pretrain import load_text_documents, mean_loss, pretrain, uniform_loss
-    from .training import loss_history, reset_peak_memory, run_figures, set_cpu_threads
-
     set_cpu_threads()
     start = time.perf_counter()
     tok = ensure_tokenizer(profile, paths)
@@ -196,9 +198,6 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                "n_heldout_blocks": len(heldout[0]), "block_size": int(heldout[0].shape[1]),
                "parameters": sum(p.numel() for p in model.parameters()), **run_figures(trainer)}
     if profile.world is not None:  # tiny: can it answer from a text description (the skill 02 and 03 build on)?
-        from .pretrain import text_answer_accuracy
-        from .world import described_questions, vocabulary
-
         probes = described_questions(TEXT_PROBE_SCENES, profile.world.world_seed * 1000 + 4,
                                      vocabulary(profile.world.world_seed))
         qa = text_answer_accuracy(model, tok, probes)
@@ -207,14 +206,10 @@ def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     if profile.llm_checkpoint:  # full: Phi-2's own loss on the very same held-out blocks
         from transformers import AutoModelForCausalLM
 
-        from .precision import current, device_map
-        from .sources import model_path
-
         phi2 = AutoModelForCausalLM.from_pretrained(model_path(profile, "phi2"), dtype=current().dtype,
                                                     attn_implementation=current().attention, device_map=device_map())
         metrics["phi2_heldout_loss"] = mean_loss(phi2, heldout, batch_size=4)
         del phi2
-        from .training import free_accelerator_memory
 
         free_accelerator_memory()
     model.save_pretrained(paths.base_lm)
@@ -239,8 +234,6 @@ def ensure_base_lm(profile, paths: Paths):
 
 
 def load_tokenizer_vocab(path) -> dict | None:
-    from .tokenizer import load_tokenizer
-
     try:
         return load_tokenizer(path).get_vocab()
     except (OSError, ValueError):
@@ -252,9 +245,6 @@ def vision_tower_stage(profile, paths: Paths, resume=None, save_steps: int | Non
     """Tiny: train a small CLIP contrastively on the training captions. Full: nothing to do (downloaded)."""
     if profile.clip_checkpoint:
         return StageResult({"vision_tower": profile.clip_checkpoint})
-    from .modeling import image_processor
-    from .training import loss_history, set_cpu_threads
-    from .vision import retrieval_accuracy, save_vision_tower, train_tiny_clip
 
     set_cpu_threads()
     start = time.perf_counter()
@@ -295,13 +285,6 @@ def ensure_vision_tower(profile, paths: Paths):
 
 # --------------------------------------------------------------------------------------------- stage 02
 def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
-    from .inference import generate_answers
-    from .chat_template import prompt_for_next_answer
-    from .multimodal_data import CAPTION_INSTRUCTION
-    from .projection import build_projection_model, feature_table, make_dataset, mean_conversation_loss, \
-        train_projector
-    from .training import loss_history, reset_peak_memory, run_figures, set_cpu_threads
-
     set_cpu_threads()
     start = time.perf_counter()
     ensure_base_lm(profile, paths)
@@ -319,12 +302,12 @@ def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None 
     val_dataset = make_dataset(val, tok, profile, vfeats, vindex, profile.projection)
     initial = mean_conversation_loss(model, val_dataset, tok)
     reset_peak_memory()
-    trainer = train_projector(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps)
+    # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
+    trainer = train_projector(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps,
+                              callbacks=training_callbacks(profile, "projection", dataset))
     if not trainer.is_world_process_zero():
         return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
     final = mean_conversation_loss(model, val_dataset, tok)
-
-    from .modeling import make_processor
 
     processor = make_processor(tok, profile.vision)
     seen, samples = set(), []
@@ -374,15 +357,6 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     from PIL import Image
     from transformers import AutoProcessor
 
-    from .chat_template import prompt_for_next_answer
-    from .inference import load_assistant
-    from .precision import current
-    from .instruct import (add_lora, check_export, export_merged, load_4bit_llava,
-                           prompt_logits, quantized_module_names, sample_answers_callback, train_instruct)
-    from .modeling import count_parameters
-    from .projection import feature_table, make_dataset
-    from .training import free_accelerator_memory, loss_history, reset_peak_memory, run_figures, set_cpu_threads
-
     set_cpu_threads()
     start = time.perf_counter()
     checkpoint = ensure_projection(profile, paths)
@@ -404,13 +378,13 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
     total, trainable = count_parameters(model)
     print(f"{n_quantized} linear layers in 4-bit nf4; {trainable:,} of {total:,} parameters trainable "
           "(LoRA adapters + full-precision projector)")
-    from . import look_inside
 
     inside = {"lora": look_inside.lora_report(model), "nf4_layer": look_inside.nf4_layer_report(model)}
     samples = sample_answers_callback(processor, val, max_new_tokens=profile.max_new_tokens)
     reset_peak_memory()
     trainer = train_instruct(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps,
-                             eval_dataset=val_dataset, callbacks=[samples])
+                             eval_dataset=val_dataset,
+                             callbacks=[samples, *training_callbacks(profile, "instruct", dataset)])
     curves = {"train loss": loss_history(trainer), "validation loss": loss_history(trainer, "eval_loss")}
     figures = run_figures(trainer)
     if not trainer.is_world_process_zero():
@@ -438,15 +412,12 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
         metrics["pope_heldout_removed"] = train_report.pope_heldout
     rows = []
     if all(r.meta.get("types") for r in val):  # the tiny world: short answers of known types, exact match
-        from .inference import evaluate_conversations
-
         result = evaluate_conversations(merged, processor, val, max_new_tokens=profile.max_new_tokens)
         rows = result["rows"]
         metrics.update(heldout_accuracy=result["accuracy"], heldout_accuracy_by_type=result["accuracy_by_type"],
                        heldout_questions_by_type=result["count_by_type"], eos_rate=result["eos_rate"],
                        n_heldout_questions=result["n_questions"])
         blind = evaluate_conversations(merged, processor, val, max_new_tokens=profile.max_new_tokens, blind=True)
-        from .world import blind_chance_by_type, vocabulary
 
         metrics.update(blind_accuracy=blind["accuracy"], blind_accuracy_by_type=blind["accuracy_by_type"],
                        blind_first_turn_accuracy_by_type=blind["first_turn_accuracy_by_type"],
@@ -454,24 +425,16 @@ def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = 
                        first_turn_accuracy_by_type=result["first_turn_accuracy_by_type"],
                        blind_chance_by_type=blind_chance_by_type(vocabulary(profile.world.world_seed)))
     elif profile.n_freeform_questions:  # LLaVA-Instruct: free-form answers, judged by a documented rule
-        from .evaluation import evaluate_freeform
-
         result = evaluate_freeform(merged, processor, val, profile.n_freeform_questions, profile.max_new_tokens)
         rows = result.pop("rows")
         metrics.update({f"freeform_{k}": v for k, v in result.items()})
     if profile.n_pope_questions and profile.pope_dataset:  # real images, then the same questions blind
-        from .evaluation import evaluate_pope
-        from .hub_data import pope_questions
-
         questions = pope_questions(profile, paths, profile.n_pope_questions)
         pope = [evaluate_pope(merged, processor, questions, blind=blind) for blind in (False, True)]
         metrics["pope"], metrics["pope_blind"] = pope[0]["metrics"], pope[1]["metrics"]
         paths.metrics.mkdir(parents=True, exist_ok=True)
         (paths.metrics / "03_pope_answers.json").write_text(json.dumps(pope[0]["rows"] + pope[1]["rows"], indent=1))
     if profile.n_mmstar_questions and profile.mmstar_dataset:  # real images, then the same questions blind
-        from .evaluation import evaluate_mmstar
-        from .hub_data import mmstar_questions
-
         questions = mmstar_questions(profile, paths, profile.n_mmstar_questions)
         mmstar = [evaluate_mmstar(merged, processor, questions, blind=blind) for blind in (False, True)]
         metrics["mmstar"], metrics["mmstar_blind"] = mmstar[0]["metrics"], mmstar[1]["metrics"]

@@ -895,29 +895,34 @@ def _fitted_settings(profile, gpu: str, hours: float) -> dict:
     return settings
 
 
-def fit_to_gpu(profile, gpu=None):
+def fit_to_gpu(profile, gpu=None, verbose: bool = True):
     """`profile` with :func:`recipe_for_gpu`'s settings for the GPU found (its ``gpu_hours_per_stage`` budget):
     per stage the micro-batch, accumulation, steps, checkpointing and checkpoint interval, and enough data for both
     stages (``n_train_samples`` counts images for stage 02, about CAPTIONS_PER_IMAGE captions each, and conversations
-    for stage 03). Unchanged without a GPU that the plans know."""
-    gpu = gpu or detect_gpu()
-    if gpu is None or not profile.gpu_hours_per_stage:
+    for stage 03). A setting the user gave (``profile.pinned``) is kept. Unchanged for the tiny profile (no budget)
+    and without a GPU that the plans know. `verbose` prints what was chosen and why."""
+    if not profile.gpu_hours_per_stage:
         return profile
-    settings = _fitted_settings(profile, _spec(gpu).key, profile.gpu_hours_per_stage)
+    gpu = gpu or detect_gpu()
+    if gpu is None:
+        if verbose:
+            found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+            print(f"{found}: no time plan for it, so the settings are as written in helpers/config.py")
+        return profile
+    # planned with the user's settings in place (a longer sequence or another checkpoint changes the plan)
+    settings = _fitted_settings(profile.replace(pinned=frozenset()), _spec(gpu).key, profile.gpu_hours_per_stage)
     changes = {}
     for stage in ("projection", "instruct"):
-        chosen = {k: v for k, v in settings[stage].items() if k != "n_examples"}
+        chosen = {k: v for k, v in settings[stage].items()
+                  if k != "n_examples" and f"{stage}.{k}" not in profile.pinned}
         changes[stage] = dataclasses.replace(getattr(profile, stage), **chosen)
-    images = math.ceil(settings["projection"]["n_examples"] / CAPTIONS_PER_IMAGE)
-    return profile.replace(**changes, n_train_samples=max(images, settings["instruct"]["n_examples"]))
-
-
-def fitted_recipe_summary(profile, gpu=None) -> str | None:
-    """What :func:`fit_to_gpu` chose for this profile and why, or None where it changes nothing."""
-    gpu = gpu or detect_gpu()
-    if gpu is None or not profile.gpu_hours_per_stage:
-        return None
-    return _fitted_settings(profile, _spec(gpu).key, profile.gpu_hours_per_stage)["summary"]
+    if "n_train_samples" not in profile.pinned:
+        images = math.ceil(settings["projection"]["n_examples"] / CAPTIONS_PER_IMAGE)
+        changes["n_train_samples"] = max(images, settings["instruct"]["n_examples"])
+    if verbose:
+        kept = sorted(k for k in profile.pinned if k.split(".")[0] in ("projection", "instruct", "n_train_samples"))
+        print(settings["summary"] + (f"\nkept as you set them: {', '.join(kept)}" if kept else ""))
+    return profile.replace(**changes)
 
 
 # ------------------------------------------------------------------------------------------------ live progress

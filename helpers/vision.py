@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .modeling import image_processor, new_clip, vision_features, vision_tower_from_clip
-from .training import training_arguments
+from .sources import SourceError, model_path, setting_label
+from .training import CourseTrainer, train, training_arguments
 
 
 class CaptionImagePairs(Dataset):
@@ -62,8 +63,6 @@ def train_tiny_clip(profile, paths, tok, pairs: list[tuple[str, str]], callbacks
                     save_steps=None):
     """Contrastive training of a small CLIP on (image path, caption) pairs. Returns (trainer, clip).
     Checkpoints and `resume` as in ``helpers.training.train``."""
-    from .training import CourseTrainer, train
-
     processor = image_processor(profile.vision)
     pixels = load_pixels([p for p, _ in pairs], processor)
     kept = [pair for pair in pairs if pair[0] in pixels]
@@ -106,7 +105,6 @@ def load_vision_tower(profile, paths):
     if not profile.clip_checkpoint:
         tower = CLIPVisionModel.from_pretrained(str(paths.clip))
         return tower.requires_grad_(False).eval(), image_processor(profile.vision)
-    from .sources import SourceError, model_path, setting_label
 
     source = model_path(profile, "clip")
     tower = CLIPVisionModel.from_pretrained(source)
@@ -143,9 +141,8 @@ def cache_features(tower, processor, image_paths: list[str], layer: int, cache_f
     An image that cannot be decoded gets a row of zeros and its path is appended to `unreadable` (also when the
     cache is reused: the list is stored in the file's metadata); callers must skip it.
     """
-    import json
-
     import hashlib
+    import json
 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .chat_template import render_text_dialogue, user_message
+
 COLOURS = {  # world 0's objects (the default world)
     "red": (215, 40, 40),
     "green": (40, 170, 60),
@@ -308,8 +310,6 @@ def corpus_document(scene: Scene, rng: random.Random, turns: int, eos: str,
     """Clean pretraining text: a dialogue in the chat layout that first describes a scene in words, then answers
     questions about it. The LM learns the language of the world and to answer from a description; the later
     stages only have to put the description into image tokens."""
-    from .chat_template import render_text_dialogue
-
     dialogue = [{"question": CAPTION_REQUEST, "answer": caption(scene, vocab)}] + \
         conversation(scene, rng, turns, vocab=vocab, weights=weights)
     return render_text_dialogue(dialogue, eos)
@@ -342,8 +342,6 @@ def described_questions(n_scenes: int, seed: int, vocab: Vocabulary = DEFAULT_VO
     """Text-only probes of the pretrained LM: a fresh scene's caption as the first answer, then one question of
     each type. Returns [{"messages", "answer", "type"}]; `messages` end with the user's question. The seed stream
     (``spec.world_seed * 1000 + 4`` in the course) is disjoint from every split that is trained on."""
-    from .chat_template import user_message
-
     rng = random.Random(seed)
     probes = []
     for _ in range(n_scenes):

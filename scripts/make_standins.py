@@ -1,4 +1,4 @@
-"""Write offline stand-ins of every Hub source the full profile reads, in the real formats (helpers/standins.py).
+"""Write offline stand-ins of every Hub source the full profile reads, in the real formats (rehearsal/standins.py).
 
     python scripts/make_standins.py --size small                    # -> standins/small (seconds, ~32 MB)
     python scripts/make_standins.py --size real --out /data/standins --images 2000   # real model sizes (~7 GB)
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     if args.images is not None and args.size != "real":
         parser.error("--images applies to --size real only")
 
-    from helpers import standins
+    from rehearsal import standins
 
     out = Path(args.out) if args.out else ROOT / "standins" / args.size
     start = time.perf_counter()

@@ -123,8 +123,10 @@ def main(argv=None) -> int:
     pin_local_gpu()
     from helpers import stages
     from helpers.config import Paths, get_profile
+    from helpers.time_plan import fit_to_gpu
 
-    profile = with_overrides(get_profile(args.profile), args.stage, args.batch_size, args.grad_accum, args.max_steps,
+    # as the notebooks do: the recipe for the GPU found first (full profile), then this command's flags win
+    profile = with_overrides(fit_to_gpu(get_profile(args.profile)), args.stage, args.batch_size, args.grad_accum, args.max_steps,
                              args.logging_steps)
     os.environ.setdefault("MMPHI_PROFILE", profile.name)
     paths = Paths(profile, args.output)

@@ -1,6 +1,6 @@
 """MMStar (full profile): the reader on the stand-in's real file format, the letter parser, the likelihood scorer.
 
-The stand-in parquet (helpers.standins.write_mmstar: 6 categories x 4 questions, PNG and JPEG images) is written
+The stand-in parquet (rehearsal.standins.write_mmstar: 6 categories x 4 questions, PNG and JPEG images) is written
 once per module in a couple of seconds; the models are the tiny random LLaVA of tests/conftest.py.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from helpers import standins
+from rehearsal import standins
 from helpers.config import FULL, Paths
 from helpers.evaluation import (MMSTAR_LETTERS, evaluate_mmstar, letter_logprobs, letter_token_ids, mmstar_letter,
                                 mmstar_options, show_scores)

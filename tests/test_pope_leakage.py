@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 
 from helpers import hub_data, stages
-from helpers import standins as S
+from rehearsal import standins as S
 from helpers.config import FULL, Paths, with_settings
 
 
@@ -112,7 +112,7 @@ def test_blind_pope_asks_with_blank_images(llava, processor, pope_questions_on_w
         seen.append((list(images), list(prompts)))
         return real_generate(model, processor, images, prompts, **kwargs)
 
-    monkeypatch.setattr(inference, "generate_answers", spy)
+    monkeypatch.setattr(evaluation, "generate_answers", spy)  # the name evaluation calls
     results = {}
     for blind in (False, True):
         seen.clear()

@@ -1,4 +1,4 @@
-"""Stand-ins of the full profile's Hub sources (helpers/standins.py): exact formats, and that they load offline.
+"""Stand-ins of the full profile's Hub sources (rehearsal/standins.py): exact formats, and that they load offline.
 
 The small stand-ins are built once per session in a temporary folder (a few seconds); the whole file takes well
 under a minute on 2 cores.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import standins as S
+from rehearsal import standins as S
 
 PARAGRAPH = ("The quick brown fox jumps over the lazy dog. It's a sunny day in 2024, and we'll see what happens "
              "next: prices rose by 3.5% (from $1,200 to $1,242). She said, \"Don't worry!\" Naïve café owners "

@@ -241,15 +241,17 @@ def instruct_lengths_dataset():
 
 
 def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(monkeypatch, tmp_path):
-    """On a GPU the full profile takes recipe_for_gpu's settings for it (a T4 here): the recipe's effective batch,
-    a plan that fits the card and finishes in the budget; a setting the user gives still wins."""
-    import torch
-
+    """Reading the full profile never looks at the GPU; fit_to_gpu (a T4 here) gives recipe_for_gpu's settings for it:
+    the recipe's effective batch, a plan that fits the card and finishes in the budget; a setting the user gives
+    still wins."""
     from helpers.config import FULL, get_profile
 
     monkeypatch.setattr(tp, "detect_gpu", lambda: "T4")
     monkeypatch.setenv("MMPHI_CACHE", str(tmp_path))
-    profile = get_profile("full")
+    assert get_profile("full") == FULL  # pure: no fitting while reading
+    assert tp.fit_to_gpu(get_profile("tiny")) == get_profile("tiny")  # no budget, nothing to fit
+    profile = tp.fit_to_gpu(get_profile("full"))
+    assert profile != FULL
     for stage in ("projection", "instruct"):
         spec, written = getattr(profile, stage), getattr(FULL, stage)
         assert spec.batch_size * spec.grad_accum == written.batch_size * written.grad_accum
@@ -262,7 +264,7 @@ def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(mo
     assert profile.n_train_samples < FULL.n_train_samples  # a T4 gets less data than written
     assert len(list(tmp_path.glob("gpu_recipes/*.json"))) == 1  # computed once, then read from the cache
     tp._fitted_settings.cache_clear()
-    assert get_profile("full") == profile
-    mine = get_profile("full", {"instruct.max_steps": 3, "n_train_samples": 64})
+    assert tp.fit_to_gpu(get_profile("full")) == profile
+    mine = tp.fit_to_gpu(get_profile("full", {"instruct.max_steps": 3, "n_train_samples": 64}))
     assert (mine.instruct.max_steps, mine.n_train_samples) == (3, 64)
     assert mine.instruct.batch_size == profile.instruct.batch_size
