@@ -68,8 +68,11 @@ def main(argv=None) -> None:
                 expect(page.get_by_test_id("bot")).to_have_count(turn)
                 expect(page.get_by_label("Ask by text")).to_have_value("")
             time.sleep(1)
+            # the conversation from its first question (the chat box scrolls to the newest answer)
+            page.evaluate("document.querySelectorAll('.bubble-wrap, [role=log]').forEach(e => e.scrollTop = 0)")
+            time.sleep(0.5)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=args.out, full_page=True)
+            page.screenshot(path=args.out, clip={"x": 0, "y": 0, "width": 1280, "height": 720})
             answers = [a.inner_text() for a in page.get_by_test_id("bot").all()]
             browser.close()
         print(f"{args.out}: {picture.name}, " + "; ".join(f"{q} -> {a}" for q, a in zip(questions, answers)))
