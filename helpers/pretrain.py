@@ -18,7 +18,7 @@ from .chat_template import render, user_message
 from .hub_data import pretrain_texts
 from .inference import left_padding, normalise
 from .modeling import new_phi_lm
-from .training import CourseTrainer, train, training_arguments
+from .training import CourseTrainer, mean_target_loss, train, training_arguments
 from .world import CAPTION_REQUEST, QUESTION_TYPES, ask, build_world, caption, sample_scene, vocabulary
 
 
@@ -86,21 +86,13 @@ def split_blocks(packed: tuple[torch.Tensor, torch.Tensor], heldout_fraction: fl
     return (blocks[train], mask[train]), (blocks[held], mask[held])
 
 
-@torch.no_grad()
 def mean_loss(model, packed: tuple[torch.Tensor, torch.Tensor], batch_size: int = 32) -> float:
     """Token-weighted mean next-token cross-entropy of `model` on packed blocks (nats/token), padding excluded."""
-    model.eval()
-    device = next(model.parameters()).device
     dataset = PackedBlocks(*packed)
-    total, count = 0.0, 0
-    for i in range(0, len(dataset), batch_size):
-        rows = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
-        batch = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
-        out = model(**batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(out.loss) * n
-        count += n
-    return total / count
+    rows = [dataset[j] for j in range(len(dataset))]
+    batches = ({k: torch.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+               for i in range(0, len(rows), batch_size))
+    return mean_target_loss(model, batches)
 
 
 def read_corpus(path: str | Path) -> list[str]:

@@ -13,7 +13,7 @@ from .encoding import PadCollator
 from .modeling import assemble_llava, count_parameters, freeze
 from .multimodal_data import ConversationDataset
 from .sources import model_path
-from .training import CachedFeatureTrainer, project_cached_features, train, training_arguments
+from .training import CachedFeatureTrainer, mean_target_loss, project_cached_features, train, training_arguments
 from .vision import cache_features, load_vision_tower
 
 
@@ -76,19 +76,10 @@ def train_projector(model, dataset, tok, profile, paths, callbacks=None, resume=
     return trainer
 
 
-@torch.no_grad()
-def mean_conversation_loss(model, dataset, tok, batch_size: int = 64, use_pixels=None) -> float:
+def mean_conversation_loss(model, dataset, tok, batch_size: int = 64) -> float:
     """Answer-token-weighted loss on `dataset` through the cached-feature path."""
-    model.eval()
     collate = PadCollator(tok.pad_token_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(dataset), batch_size):
-        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        features = batch.pop("vision_features")
-        out = model(**batch, mm_encoder_outputs=project_cached_features(model, features))
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(out.loss) * n
-        count += n
-    return total / count
+    batches = (collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+               for i in range(0, len(dataset), batch_size))
+    return mean_target_loss(model, batches, prepare=lambda m, batch: {
+        "mm_encoder_outputs": project_cached_features(m, batch.pop("vision_features"))})

@@ -154,6 +154,24 @@ def _require_mm_encoder_outputs(llava_model) -> None:
                            "(LlavaModel.forward has no mm_encoder_outputs): install transformers>=5.18")
 
 
+@torch.no_grad()
+def mean_target_loss(model, batches, prepare=None) -> float:
+    """Mean next-token cross-entropy over every target token of `batches` (dicts of tensors with ``labels``, -100 =
+    ignored), each batch weighted by its number of targets, so the figure does not depend on how rows were batched.
+    ``prepare(model, batch)`` may pop inputs from the batch and return extra keyword arguments for the forward (the
+    projected cached vision features)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        extra = prepare(model, batch) if prepare else {}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch, **extra).loss) * n
+        count += n
+    return total / count
+
+
 _MM_CHECKED: dict = {}
 
 

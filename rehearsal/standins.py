@@ -42,6 +42,7 @@ from pathlib import Path
 
 from helpers import world
 from helpers.asr import sha256_file
+from helpers.downloads import image_readable
 
 STANDINS_VERSION = 2  # 2: POPE's images overlap the train2017 stand-in, as in reality
 ROOT = Path(__file__).resolve().parents[1]
@@ -1800,7 +1801,7 @@ def _check_clip(layout: StandinLayout) -> dict:
     revision = STANDIN_REVISIONS[CLIP_REPO]
     processor = CLIPImageProcessor.from_pretrained(CLIP_REPO, revision=revision)
     tower = CLIPVisionModel.from_pretrained(CLIP_REPO, revision=revision).eval()
-    picture = next(p for p in sorted(layout.coco_image_dir("val").glob("*.jpg")) if _opens(p))
+    picture = next(p for p in sorted(layout.coco_image_dir("val").glob("*.jpg")) if image_readable(p))
     pixels = processor(images=Image.open(picture).convert("RGB"), return_tensors="pt")["pixel_values"]
     assert tuple(pixels.shape) == (1, 3, 224, 224)
     with torch.no_grad():
@@ -1836,17 +1837,6 @@ def _check_whisper(layout: StandinLayout) -> dict:
     result = asr.transcribe(np.zeros(16000, np.float32), fp16=device == "cuda")
     assert isinstance(result["text"], str)
     return {"multilingual": asr.is_multilingual, "text_chars": len(result["text"])}
-
-
-def _opens(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except Exception:  # noqa: BLE001  (truncated / not an image: skip)
-        return False
 
 
 def check_standins_in_subprocess(root: str | Path, timeout: float = 900, extra_env: dict | None = None) -> dict:
