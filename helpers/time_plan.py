@@ -906,8 +906,9 @@ def fit_to_gpu(profile, gpu=None, verbose: bool = True):
     gpu = gpu or detect_gpu()
     if gpu is None:
         if verbose:
-            found = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-            print(f"{found}: no time plan for it, so the settings are as written in helpers/config.py")
+            found = f"{torch.cuda.get_device_name()}: no time plan for this GPU" if torch.cuda.is_available() else \
+                "no GPU here"
+            print(f"{found}, so the settings are as written in helpers/config.py")
         return profile
     # planned with the user's settings in place (a longer sequence or another checkpoint changes the plan)
     settings = _fitted_settings(profile.replace(pinned=frozenset()), _spec(gpu).key, profile.gpu_hours_per_stage)
