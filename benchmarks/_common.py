@@ -215,9 +215,9 @@ def gpu_memory(device: torch.device):
 
 def random_4bit_llava(profile, device: torch.device, cache_dir: str | os.PathLike, seed: int = 0):
     """A random LLaVA of the profile's sizes saved once under `cache_dir` (reused by later runs), then loaded the
-    course's way: ``helpers.instruct.load_4bit_llava`` (LLM in 4-bit nf4) + ``add_lora`` (profile's LoRA settings,
+    course's way: notebook 03's own "load-4bit" (LLM in 4-bit nf4) and "lora" cells (profile's LoRA settings,
     gradient checkpointing as the profile says). Returns (peft model, stand-in tokenizer, profile)."""
-    from helpers.instruct import add_lora, load_4bit_llava
+    from helpers.course import run_cells
 
     path = Path(cache_dir)
     if not (path / "config.json").exists():
@@ -228,8 +228,7 @@ def random_4bit_llava(profile, device: torch.device, cache_dir: str | os.PathLik
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model = load_4bit_llava(path)
-    model = add_lora(model, profile)
+    model = run_cells("03_qlora_instruct", ["load-4bit", "lora"], checkpoint=path, profile=profile)["model"]
     return model, stand_in_tokenizer(profile), profile
 
 

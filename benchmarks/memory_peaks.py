@@ -1,6 +1,6 @@
 """Measured peak GPU memory of real training steps next to the memory planner's figure, over a grid.
 
-Stage 03 (4-bit nf4 LLaVA + LoRA, ``helpers.instruct.load_4bit_llava`` + ``add_lora``, random weights of the
+Stage 03 (4-bit nf4 LLaVA + LoRA, notebook 03's "load-4bit" and "lora" cells, random weights of the
 profile's sizes): micro-batches of 4 / 8 / 16 rows of max_length tokens, gradient checkpointing on / off, the
 memory-efficient (or flash) and the math SDPA kernel, the model's own loss over full logits and the course's
 answer-only chunked loss. Stage 02 (bf16 LLM, projector trained): 16 x 83 tokens (cached features) and 16 x 512,

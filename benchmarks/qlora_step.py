@@ -1,6 +1,6 @@
 """Stage 03 training speed, the old way vs the new way, on the same optimizer batches.
 
-Both ways train the same 4-bit nf4 LLaVA + LoRA (``helpers.instruct.load_4bit_llava`` + ``add_lora``, random weights
+Both ways train the same 4-bit nf4 LLaVA + LoRA (notebook 03's "load-4bit" and "lora" cells, random weights
 of the profile's sizes) on the same synthetic conversations (image placeholders, random text, answer spans,
 cached vision features) with lengths drawn like LLaVA-Instruct's (``--lengths llava``, the default) or all at
 max_length (``--lengths full``, the setting of the earlier H200 measurement). One optimizer step = the recipe's

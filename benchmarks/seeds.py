@@ -1,7 +1,8 @@
 """Does the tiny course learn every skill on every seed and in every world? Notebooks 01-03, many runs.
 
-Each run trains stages 01-03 of the tiny profile from scratch through the very functions the notebooks call
-(``helpers.stages.pretrain_stage``, ``vision_tower_stage``, ``projection_stage``, ``instruct_stage``) for one
+Each run trains stages 01-03 of the tiny profile from scratch as the notebooks do (the functions notebooks 01 and 02
+call, ``helpers.stages.pretrain_stage``, ``vision_tower_stage``, ``projection_stage``, and notebook 03 itself, run
+cell by cell with ``helpers.course.run_notebook``) for one
 model seed (``Profile.seed``: initialisation and data order) and one world (``WorldSpec.world_seed``: the world's
 objects, wording and scenes), in an output folder of its own and a process of its own. Runs go in parallel, each
 with a bounded number of CPU threads (``MMPHI_CPU_THREADS``), and the results land in one JSON file:
@@ -56,6 +57,7 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
 
     from helpers import stages
     from helpers.config import Paths, get_profile
+    from helpers.course import run_notebook
     from helpers.precision import current
 
     base = get_profile(profile_name)
@@ -78,8 +80,9 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
     stages.vision_tower_stage(profile, paths, resume=False)
     m2 = stages.projection_stage(profile, paths, resume=False).metrics
     seconds["02_projection"] = time.perf_counter() - start
-    start = time.perf_counter()  # notebook 03: QLoRA instruction tuning and the held-out evaluation
-    m3 = stages.instruct_stage(profile, paths, resume=False).metrics
+    start = time.perf_counter()  # notebook 03 itself, cell by cell, up to its held-out evaluation
+    m3 = run_notebook("03_qlora_instruct", stop_after="evaluate", PROFILE=profile, OUTPUT_DIR=output,
+                      RESUME=False)["m"]
     seconds["03_qlora_instruct"] = time.perf_counter() - start
     from helpers.world import vocabulary
 

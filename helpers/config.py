@@ -340,7 +340,7 @@ def default_profile_name() -> str:
     return os.environ.get(PROFILE_ENV) or "tiny"
 
 
-def get_profile(name: str | None = None, settings: dict | None = None) -> Profile:
+def get_profile(name: "str | Profile | None" = None, settings: dict | None = None) -> Profile:
     """The profile called `name` (or ``MMPHI_PROFILE``, else "tiny", when `name` is None), with
     the user's settings applied, in this order (a later one wins):
 
@@ -351,6 +351,8 @@ def get_profile(name: str | None = None, settings: dict | None = None) -> Profil
     Keys are Profile fields (``n_train_samples``), fields of a stage (``instruct.batch_size``, ``pretrain.max_steps``,
     ``world.world_seed``, ...) or source names (``phi2``, ``coco``, ...). Unknown keys raise, so a typo never goes unnoticed.
     """
+    if isinstance(name, Profile):  # a profile made already (scripts and tests run a notebook with their own)
+        return with_settings(name, settings or {}, origin="SETTINGS")
     name = (name or default_profile_name()).strip().lower()
     if name not in PROFILES:
         raise ValueError(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "

@@ -32,9 +32,14 @@ from collections import defaultdict
 
 from PIL import Image
 
+import json
+
 from . import reporting
 from .chat_template import prompt_for_next_answer
-from .inference import blank_like, generate_answers, generation_batch_size, left_padding, plot_accuracy
+from .hub_data import mmstar_questions, pope_questions
+from .inference import (blank_like, evaluate_conversations, generate_answers, generation_batch_size, left_padding,
+                        plot_accuracy)
+from .world import blind_chance_by_type, vocabulary
 
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 STOP_WORDS = frozenset("""a an the and or but if then so of in on at to for from by with without about into over under
@@ -277,6 +282,46 @@ def evaluate_freeform(model, processor, records, n: int, max_new_tokens: int = 1
 
 
 # ------------------------------------------------------------------------------------------------ display
+def evaluate_assistant(model, processor, records, profile, paths) -> tuple[dict, list[dict]]:
+    """Score the exported assistant on held-out data as notebook 03 reports it; returns (metrics, answer rows).
+
+    tiny: every held-out question exactly (short answers of known types), then the same questions blind (a blank
+    image) with the chance level of each type; full: free-form LLaVA-Instruct answers judged by content words
+    (``judge_freeform``), and POPE and MMStar with real and then blank images, when the profile asks for them.
+    The answers are written to ``metrics/03_*_answers.json``."""
+    metrics, rows = {}, []
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    if all(r.meta.get("types") for r in records):  # the tiny world: short answers of known types, exact match
+        result = evaluate_conversations(model, processor, records, max_new_tokens=profile.max_new_tokens)
+        blind = evaluate_conversations(model, processor, records, max_new_tokens=profile.max_new_tokens, blind=True)
+        rows = result["rows"]
+        metrics.update(heldout_accuracy=result["accuracy"], heldout_accuracy_by_type=result["accuracy_by_type"],
+                       heldout_questions_by_type=result["count_by_type"], eos_rate=result["eos_rate"],
+                       n_heldout_questions=result["n_questions"], blind_accuracy=blind["accuracy"],
+                       blind_accuracy_by_type=blind["accuracy_by_type"],
+                       blind_first_turn_accuracy_by_type=blind["first_turn_accuracy_by_type"],
+                       first_turn_count_by_type=blind["first_turn_count_by_type"],
+                       first_turn_accuracy_by_type=result["first_turn_accuracy_by_type"],
+                       blind_chance_by_type=blind_chance_by_type(vocabulary(profile.world.world_seed)))
+    elif profile.n_freeform_questions:  # LLaVA-Instruct: free-form answers, judged by a documented rule
+        result = evaluate_freeform(model, processor, records, profile.n_freeform_questions, profile.max_new_tokens)
+        rows = result.pop("rows")
+        metrics.update({f"freeform_{k}": v for k, v in result.items()})
+    if profile.n_pope_questions and profile.pope_dataset:  # real images, then the same questions blind
+        questions = pope_questions(profile, paths, profile.n_pope_questions)
+        pope = [evaluate_pope(model, processor, questions, blind=blind) for blind in (False, True)]
+        metrics["pope"], metrics["pope_blind"] = pope[0]["metrics"], pope[1]["metrics"]
+        (paths.metrics / "03_pope_answers.json").write_text(json.dumps(pope[0]["rows"] + pope[1]["rows"], indent=1))
+    if profile.n_mmstar_questions and profile.mmstar_dataset:  # real images, then the same questions blind
+        questions = mmstar_questions(profile, paths, profile.n_mmstar_questions)
+        mmstar = [evaluate_mmstar(model, processor, questions, blind=blind) for blind in (False, True)]
+        metrics["mmstar"], metrics["mmstar_blind"] = mmstar[0]["metrics"], mmstar[1]["metrics"]
+        (paths.metrics / "03_mmstar_answers.json").write_text(json.dumps(mmstar[0]["rows"] + mmstar[1]["rows"],
+                                                                         indent=1))
+    (paths.metrics / "03_heldout_answers.json").write_text(json.dumps(rows, indent=1, default=str))
+    return metrics, rows
+
+
 def show_scores(metrics: dict, figures_dir=None) -> None:
     """Notebook 03's scores: exact match per question type (tiny world), or the free-form rule and POPE (full)."""
     from pathlib import Path

@@ -1,9 +1,6 @@
-"""Stage 03: QLoRA instruction tuning.
-
-The LLaVA checkpoint of stage 02 is loaded with the language model in 4-bit nf4 (bitsandbytes); the vision tower,
-projector and LM head stay unquantized (in transformers 5 the skip list needs full module paths, otherwise the
-vision tower is quantized too). LoRA adapters (peft) go on the language model's attention and MLP projections
-only; the projector is trained in full precision as a ``modules_to_save`` copy with its own learning rate.
+"""Stage 03's parts that are not its lesson (notebook 03 builds the 4-bit model, the LoRA adapters and the trainer
+in its own cells): bitsandbytes details on a CPU, a callback that samples answers at every checkpoint, and the
+export of the 4-bit + LoRA model as a plain LLaVA checkpoint, checked from disk.
 """
 from __future__ import annotations
 
@@ -11,42 +8,17 @@ import torch
 
 from . import precision
 from .chat_template import prompt_for_next_answer
-from .encoding import PadCollator
 from .inference import generate_answers
-from .training import CachedFeatureTrainer, train, training_arguments
-
-SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|dense|fc1|fc2)"
-
-
-def quantization_config():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=precision.current().dtype,  # bf16 / fp16 / fp32
-                              llm_int8_skip_modules=SKIP_QUANTIZATION)
-
-
-def load_4bit_llava(checkpoint):
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), quantization_config=quantization_config(),
-                                                          device_map=precision.device_map(),
-                                                          attn_implementation=precision.current().attention)
-    model.model.multi_modal_projector.float()
-    model.model.vision_tower.float()
-    if not torch.cuda.is_available():
-        keep_4bit_layout_for_training(model)
-    return model
-
 
 def keep_4bit_layout_for_training(model) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only layout the first time the
     layer runs in eval mode without gradients (the validation loss, sample answers during training): training steps
     after that fail ("a view of a leaf Variable ... in-place operation") and the weight no longer dequantizes
-    correctly. Training evaluates along the way, so the course keeps the trainable layout."""
+    correctly. Training evaluates along the way, so the course keeps the trainable layout. (Nothing to do on a GPU.)"""
     import bitsandbytes as bnb
 
+    if torch.cuda.is_available():
+        return
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -56,55 +28,6 @@ def quantized_module_names(model) -> list[str]:
     import bitsandbytes as bnb
 
     return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-def add_lora(model, profile):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    # use_reentrant passed explicitly: PyTorch warns (and will raise) when checkpointing is called without it
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=profile.checkpointing("instruct"),
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
-                        target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"], bias="none",
-                        task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):  # LoRA's random init (lora_A) is seeded: reruns are reproducible
-        torch.manual_seed(profile.seed)
-        peft_model = get_peft_model(model, config)
-    # vision tower stays frozen and the projector's trainable copy stays in fp32
-    for name, p in peft_model.named_parameters():
-        if "vision_tower" in name:
-            p.requires_grad_(False)
-    return peft_model
-
-
-def train_instruct(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
-                   length_balanced: bool = True, answer_only_loss: bool = True, eval_dataset=None, **overrides):
-    """QLoRA training. Checkpoints hold the LoRA adapters and the projector's trainable copy
-    (adapter_model.safetensors) plus optimizer/scheduler/RNG state; `resume` as in ``helpers.training.train``.
-
-    Speed (the same optimizer batches and loss as plain random micro-batches): with gradient accumulation, each
-    randomly drawn optimizer batch is cut into micro-batches of similar length (``length_balanced``), so little of
-    a micro-batch is padding; the loss is computed at the answer positions only, a chunk of logits at a time
-    (``helpers.training.answer_only_loss``); ``length_balanced=False, answer_only_loss=False`` is the plain way
-    (random micro-batches, the model's own loss over full logits), kept for comparisons. Gradient checkpointing
-    follows ``profile.checkpointing("instruct")`` (set by ``add_lora``); ``helpers.time_plan.recipe_for_gpu`` says
-    when a GPU needs it. `eval_dataset` (held-out conversations): its answer loss is measured at every
-    checkpoint, for the validation curve."""
-    if eval_dataset is not None:
-        overrides = {"eval_strategy": "steps", "prediction_loss_only": True,
-                     "per_device_eval_batch_size": profile.instruct.batch_size, **overrides}
-    args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
-                              n_examples=len(dataset), save_steps=save_steps, length_balanced=length_balanced,
-                              **overrides)
-    if eval_dataset is not None:
-        args.eval_steps = args.save_steps  # a validation point at every checkpoint
-    callbacks = list(callbacks or [])
-    trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                                   data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks,
-                                   projector_learning_rate=profile.projector_learning_rate,
-                                   answer_only_loss=answer_only_loss)
-    train(trainer, resume)
-    return trainer
 
 
 def sample_answers_callback(processor, records, n_questions: int = 3, max_new_tokens: int = 16):

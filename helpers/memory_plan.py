@@ -1,7 +1,7 @@
 """How much GPU memory a training stage needs, before renting the GPU.
 
 ``plan_memory(profile, stage, gpu=...)`` builds the stage's model exactly as the course builds it (the same config
-functions, the same freezing, the same ``add_lora``), but on PyTorch's ``meta`` device: no memory, no weights,
+functions, the same freezing, the same LoRA layout as notebook 03's cells), but on PyTorch's ``meta`` device: no memory, no weights,
 only shapes and dtypes. From that model it reads
 
 * **parameters** – counted on the instantiated meta model (exact; a test checks them against real models);
@@ -63,13 +63,33 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import precision
-from .config import StageSpec, get_profile
-from .instruct import SKIP_QUANTIZATION, add_lora
+from .config import PROFILES, StageSpec, get_profile
 from .modeling import clip_vision_config, llava_config, phi_config
 from .precision import FP32_ATTENTION, choose
 from .training import _llava_of, chunked_cross_entropy_sum, loss_chunk_tokens, project_cached_features
 
 GiB = 1024 ** 3
+
+# Stage 03's 4-bit and LoRA layout, as notebook 03's "load-4bit" and "lora" cells write it (the planner works where
+# only the package is installed, so it keeps its own copy; tests/test_memory_plan.py runs those cells and fails if
+# the two differ).
+SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|dense|fc1|fc2)"
+
+
+def lora_config(profile):
+    from peft import LoraConfig
+
+    return LoraConfig(r=profile.lora_r, lora_alpha=profile.lora_alpha, lora_dropout=profile.lora_dropout,
+                      target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"], bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def _with_lora(model, profile):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(profile))
 
 # -------------------------------------------------------------------------------------------------- hardware
 
@@ -149,9 +169,12 @@ def _stage(stage: str) -> str:
 
 
 def _profile(profile):
+    """A profile named by a string is planned at its stock settings (``config.PROFILES``): a plan "for the full
+    profile" must not pick up the settings a user gave for the run at hand (e.g. ``world.*`` ones of a tiny run)."""
     if isinstance(profile, str):
-
-        return get_profile(profile)
+        if profile.strip().lower() not in PROFILES:
+            return get_profile(profile)  # raises with the known names
+        return PROFILES[profile.strip().lower()]
     return profile
 
 
@@ -209,7 +232,7 @@ def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int
 
 
 def _quantized_linear_names(model) -> list[str]:
-    """The nn.Linear modules transformers would quantize: all but the skipped ones (helpers.instruct)."""
+    """The nn.Linear modules transformers would quantize: all but the skipped ones (notebook 03)."""
 
     names = []
     for name, module in model.named_modules():
@@ -270,16 +293,16 @@ def _build_stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_
         model.requires_grad_(False)
         model.model.multi_modal_projector.requires_grad_(True)
         return model, set()
-    # stage 03 (helpers.instruct): 4-bit LLM linears, everything else upcast to fp32 by
+    # stage 03 (notebook 03): 4-bit LLM linears, everything else upcast to fp32 by
     # prepare_model_for_kbit_training, LoRA adapters (fp32) + a trainable fp32 copy of the projector
 
     if lora_r is not None:
         profile = profile.replace(lora_r=lora_r, lora_alpha=2 * lora_r)
     model = meta_llava(profile, compute_dtype)
-    model.set_attn_implementation(attention_for(compute_dtype))  # helpers.instruct.load_4bit_llava
+    model.set_attn_implementation(attention_for(compute_dtype))  # as notebook 03 loads it
     quantized = set(_quantized_linear_names(model))
     with torch.device("meta"), _quiet():
-        model = add_lora(model, profile.replace(gradient_checkpointing=False))
+        model = _with_lora(model, profile)
     quantized_params = set()
     for name, module in model.named_modules():
         base = name.replace("base_model.model.", "", 1).removesuffix(".base_layer")

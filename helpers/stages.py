@@ -1,5 +1,9 @@
-"""The course's stages as functions: what each notebook runs, and what a later notebook runs on the spot when
-an earlier stage's output is missing (with a notice), so every notebook also works opened on its own."""
+"""What the stages share and need: the data each reads (the synthetic world, the tokenizer, captions and
+conversations with POPE's images left out) and each earlier stage's output, made on the spot (with a notice) when
+it is missing and the profile allows it, so a notebook also works on its own.
+
+Stages 01 and 02 are still functions here (``pretrain_stage``, ``vision_tower_stage``, ``projection_stage``);
+stage 03 is written once, in notebook 03's cells, and run from elsewhere with ``helpers.course.run_notebook``."""
 from __future__ import annotations
 
 import json
@@ -8,30 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import look_inside, reporting
+from . import reporting
 from .chat_template import prompt_for_next_answer, render
 from .config import Paths
-from .evaluation import evaluate_freeform, evaluate_mmstar, evaluate_pope
-from .hub_data import (
-    coco_caption_files,
-    coco_image_id,
-    llava_instruct_files,
-    mmstar_questions,
-    pope_image_ids,
-    pope_questions,
-)
-from .inference import evaluate_conversations, generate_answers, load_assistant
-from .instruct import (
-    add_lora,
-    check_export,
-    export_merged,
-    load_4bit_llava,
-    prompt_logits,
-    quantized_module_names,
-    sample_answers_callback,
-    train_instruct,
-)
-from .modeling import count_parameters, image_processor, make_processor
+from .course import run_notebook
+from .hub_data import coco_caption_files, coco_image_id, llava_instruct_files, pope_image_ids
+from .inference import generate_answers
+from .modeling import image_processor, make_processor
 from .multimodal_data import CAPTION_INSTRUCTION, read_coco_captions, read_llava_instruct
 from .precision import current, device_map
 from .pretrain import load_text_documents, mean_loss, pretrain, read_corpus, text_answer_accuracy, uniform_loss
@@ -41,7 +28,7 @@ from .time_plan import detect_gpu, plan_time, training_callbacks
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 from .training import free_accelerator_memory, loss_history, reset_peak_memory, run_figures, set_cpu_threads
 from .vision import retrieval_accuracy, save_vision_tower, train_tiny_clip
-from .world import blind_chance_by_type, build_world, described_questions, vocabulary
+from .world import build_world, described_questions, vocabulary
 
 
 @dataclass
@@ -353,103 +340,9 @@ def ensure_projection(profile, paths: Paths):
 
 
 # --------------------------------------------------------------------------------------------- stage 03
-def instruct_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    set_cpu_threads()
-    start = time.perf_counter()
-    checkpoint = ensure_projection(profile, paths)
-    processor = AutoProcessor.from_pretrained(str(checkpoint))
-    tok = processor.tokenizer
-    train, train_report = instruct_records(profile, paths, "train")
-    val, _ = instruct_records(profile, paths, "val")
-    val = val[: profile.n_eval_samples]
-    model = load_4bit_llava(checkpoint)
-    n_quantized = len(quantized_module_names(model))
-    tower = model.model.vision_tower
-    feats, index = feature_table(tower, processor.image_processor, train, profile.vision_feature_layer,
-                                 paths.features / "train")
-    vfeats, vindex = feature_table(tower, processor.image_processor, val, profile.vision_feature_layer,
-                                   paths.features / "val")
-    dataset = make_dataset(train, tok, profile, feats, index, profile.instruct)
-    val_dataset = make_dataset(val, tok, profile, vfeats, vindex, profile.instruct)
-    model = add_lora(model, profile)
-    total, trainable = count_parameters(model)
-    print(f"{n_quantized} linear layers in 4-bit nf4; {trainable:,} of {total:,} parameters trainable "
-          "(LoRA adapters + full-precision projector)")
-
-    inside = {"lora": look_inside.lora_report(model), "nf4_layer": look_inside.nf4_layer_report(model)}
-    samples = sample_answers_callback(processor, val, max_new_tokens=profile.max_new_tokens)
-    reset_peak_memory()
-    trainer = train_instruct(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps,
-                             eval_dataset=val_dataset,
-                             callbacks=[samples, *training_callbacks(profile, "instruct", dataset)])
-    curves = {"train loss": loss_history(trainer), "validation loss": loss_history(trainer, "eval_loss")}
-    figures = run_figures(trainer)
-    if not trainer.is_world_process_zero():
-        return StageResult({"steps": trainer.state.global_step}, curves)
-    train_seconds, steps = time.perf_counter() - start, trainer.state.global_step
-    del trainer  # its optimizer state (two fp32 copies of every trainable weight) is not needed any more
-    free_accelerator_memory()
-    model.save_pretrained(paths.instruct / "adapter")  # LoRA adapters + projector (safetensors)
-    # the export is checked and evaluated as notebooks 04-05 load it: from disk, with stock classes
-    probe_image = Image.open(val[0].image).convert("RGB")
-    probe_prompt = prompt_for_next_answer([], val[0].messages[0]["content"].split("\n", 1)[-1], tok.eos_token)
-    trained_logits = prompt_logits(model, processor, probe_image, probe_prompt)
-    export_merged(model, checkpoint, paths.assistant, processor)  # (its in-memory copy is not used)
-    del model  # the 4-bit + LoRA model: the assistant reloaded from disk answers from here on
-    free_accelerator_memory()
-    merged, processor = load_assistant(paths.assistant)
-    export_check = check_export(trained_logits, merged, processor, probe_image, probe_prompt,
-                                stored_dtype=current().dtype)
-    print(f"the export reloaded from {paths.assistant} answers like the trained model: logits within "
-          f"{export_check['relative']:.2%} (tolerance {export_check['tolerance']:.2%})")
-    metrics = {"steps": steps, "n_train_conversations": len(dataset), "skipped_records": dict(train_report.skipped),
-               "export_check": export_check, "quantized_linear_layers": n_quantized, "trainable_parameters": trainable,
-               "total_parameters": total, "train_seconds": train_seconds, **figures}
-    if train_report.pope_heldout:  # the evaluated POPE images left out of training (drop_pope_images)
-        metrics["pope_heldout_removed"] = train_report.pope_heldout
-    rows = []
-    if all(r.meta.get("types") for r in val):  # the tiny world: short answers of known types, exact match
-        result = evaluate_conversations(merged, processor, val, max_new_tokens=profile.max_new_tokens)
-        rows = result["rows"]
-        metrics.update(heldout_accuracy=result["accuracy"], heldout_accuracy_by_type=result["accuracy_by_type"],
-                       heldout_questions_by_type=result["count_by_type"], eos_rate=result["eos_rate"],
-                       n_heldout_questions=result["n_questions"])
-        blind = evaluate_conversations(merged, processor, val, max_new_tokens=profile.max_new_tokens, blind=True)
-
-        metrics.update(blind_accuracy=blind["accuracy"], blind_accuracy_by_type=blind["accuracy_by_type"],
-                       blind_first_turn_accuracy_by_type=blind["first_turn_accuracy_by_type"],
-                       first_turn_count_by_type=blind["first_turn_count_by_type"],
-                       first_turn_accuracy_by_type=result["first_turn_accuracy_by_type"],
-                       blind_chance_by_type=blind_chance_by_type(vocabulary(profile.world.world_seed)))
-    elif profile.n_freeform_questions:  # LLaVA-Instruct: free-form answers, judged by a documented rule
-        result = evaluate_freeform(merged, processor, val, profile.n_freeform_questions, profile.max_new_tokens)
-        rows = result.pop("rows")
-        metrics.update({f"freeform_{k}": v for k, v in result.items()})
-    if profile.n_pope_questions and profile.pope_dataset:  # real images, then the same questions blind
-        questions = pope_questions(profile, paths, profile.n_pope_questions)
-        pope = [evaluate_pope(merged, processor, questions, blind=blind) for blind in (False, True)]
-        metrics["pope"], metrics["pope_blind"] = pope[0]["metrics"], pope[1]["metrics"]
-        paths.metrics.mkdir(parents=True, exist_ok=True)
-        (paths.metrics / "03_pope_answers.json").write_text(json.dumps(pope[0]["rows"] + pope[1]["rows"], indent=1))
-    if profile.n_mmstar_questions and profile.mmstar_dataset:  # real images, then the same questions blind
-        questions = mmstar_questions(profile, paths, profile.n_mmstar_questions)
-        mmstar = [evaluate_mmstar(merged, processor, questions, blind=blind) for blind in (False, True)]
-        metrics["mmstar"], metrics["mmstar_blind"] = mmstar[0]["metrics"], mmstar[1]["metrics"]
-        paths.metrics.mkdir(parents=True, exist_ok=True)
-        (paths.metrics / "03_mmstar_answers.json").write_text(json.dumps(mmstar[0]["rows"] + mmstar[1]["rows"],
-                                                                         indent=1))
-    metrics["seconds"] = time.perf_counter() - start
-    reporting.write_metrics(paths.metrics, "03_qlora_instruct", metrics)
-    (paths.metrics / "03_heldout_answers.json").write_text(json.dumps(rows, indent=1, default=str))
-    return StageResult(metrics, curves, rows, {"merged": merged, "processor": processor, "val": val,
-                                               "checkpoint_answers": samples.rows, **inside})
-
-
 def ensure_assistant(profile, paths: Paths):
     if not (paths.assistant / "config.json").exists():
         train_missing(profile, "instruct", f"no stage-03 assistant at {paths.assistant}",
-                      lambda: instruct_stage(profile, paths))
+                      lambda: run_notebook("03_qlora_instruct", stop_after="evaluate", PROFILE=profile,
+                                           OUTPUT_DIR=paths.root.parent))
     return paths.assistant

@@ -32,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STAGES = {"pretrain": "pretrain_stage", "projection": "projection_stage", "instruct": "instruct_stage"}
+STAGES = {"pretrain": "pretrain_stage", "projection": "projection_stage", "instruct": "03_qlora_instruct"}
+# stage 03 is its notebook: run here cell by cell in this process (helpers.course.run_notebook), up to its held-out
+# evaluation; the other processes of a multi-process run stop after training
 SPEC_FIELD = {"pretrain": "pretrain", "projection": "projection", "instruct": "instruct"}
 
 
@@ -140,13 +142,21 @@ def main(argv=None) -> int:
         cache_features_on_main_process_first()
     start = time.perf_counter()
     resume = args.resume_from or (None if args.resume else False)
-    result = getattr(stages, STAGES[args.stage])(profile, paths, resume=resume, save_steps=args.save_steps)
+    if STAGES[args.stage].endswith("_stage"):
+        metrics = getattr(stages, STAGES[args.stage])(profile, paths, resume=resume, save_steps=args.save_steps).metrics
+    else:
+        from helpers.course import run_notebook
+
+        rank = int(os.environ.get("RANK", "0"))
+        done = run_notebook(STAGES[args.stage], stop_after="evaluate" if rank == 0 else "train", PROFILE=profile,
+                            OUTPUT_DIR=paths.root.parent, RESUME=resume, SAVE_STEPS=args.save_steps)
+        metrics = done.get("m", {"steps": done["trainer"].state.global_step if "trainer" in done else None})
     seconds = time.perf_counter() - start
     if int(os.environ.get("RANK", "0")) == 0:
         spec = getattr(profile, SPEC_FIELD[args.stage])
         print(json.dumps({"stage": args.stage, "profile": profile.name, "processes": world_size(),
                           "global_batch": spec.batch_size * spec.grad_accum * world_size(),
-                          "seconds": round(seconds, 1), "metrics": result.metrics}, indent=2, default=str))
+                          "seconds": round(seconds, 1), "metrics": metrics}, indent=2, default=str))
     return 0
 
 

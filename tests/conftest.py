@@ -57,3 +57,36 @@ def saved_llava(llava, processor, tmp_path_factory):
     llava.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def qlora_model(checkpoint, profile):
+    """The course's 4-bit nf4 LLaVA with LoRA adapters, built by notebook 03's own "load-4bit" and "lora" cells."""
+    from helpers.course import run_cells
+
+    return run_cells("03_qlora_instruct", ["load-4bit", "lora"], checkpoint=checkpoint, profile=profile)["model"]
+
+
+def four_bit_model(checkpoint):
+    """Notebook 03's 4-bit model before its LoRA adapters (its "load-4bit" cell)."""
+    from helpers.course import run_cells
+
+    return run_cells("03_qlora_instruct", ["load-4bit"], checkpoint=checkpoint)["model"]
+
+
+def train_qlora(model, dataset, tok, profile, paths, callbacks=None, resume=None, save_steps=None,
+                length_balanced: bool = True, answer_only_loss: bool = True, **overrides):
+    """Stage 03's trainer as notebook 03's "trainer" cell builds it, without its validation and sample callbacks,
+    with switches for the comparisons of the trainer's own mechanics (the plain way: random micro-batches and the
+    model's own loss over full logits)."""
+    from helpers.encoding import PadCollator
+    from helpers.training import CachedFeatureTrainer, train, training_arguments
+
+    args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
+                              n_examples=len(dataset), save_steps=save_steps, length_balanced=length_balanced,
+                              **overrides)
+    trainer = CachedFeatureTrainer(model=model, args=args, train_dataset=dataset,
+                                   data_collator=PadCollator(tok.pad_token_id), callbacks=list(callbacks or []),
+                                   projector_learning_rate=profile.projector_learning_rate,
+                                   answer_only_loss=answer_only_loss)
+    train(trainer, resume)
+    return trainer

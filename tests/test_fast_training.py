@@ -76,7 +76,7 @@ def test_balanced_micro_batches_give_the_same_optimizer_step(saved_llava, tok, p
     loss (the old way) or by length with the answer-only loss (the new way): same logged loss, same new weights."""
     from torch.utils.data import Subset
 
-    from helpers.instruct import add_lora, load_4bit_llava, train_instruct
+    from conftest import qlora_model, train_qlora
 
     torch.set_num_threads(1)
     data = Subset(instruct_examples, list(range(8)))
@@ -84,8 +84,8 @@ def test_balanced_micro_batches_give_the_same_optimizer_step(saved_llava, tok, p
                                                             max_steps=1, logging_steps=1, max_length=160))
     results = {}
     for way, fast in (("old", False), ("new", True)):
-        model = add_lora(load_4bit_llava(saved_llava), quick)
-        trainer = train_instruct(model, data, tok, quick, Paths(quick, tmp_path / way), save_steps=0,
+        model = qlora_model(saved_llava, quick)
+        trainer = train_qlora(model, data, tok, quick, Paths(quick, tmp_path / way), save_steps=0,
                                  length_balanced=fast, answer_only_loss=fast, disable_tqdm=True)
         assert trainer.args.train_sampling_strategy == ("batch_rebalance" if fast else "random")
         loss = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -134,7 +134,7 @@ def test_balanced_batches_resume_where_they_stopped(saved_llava, tok, profile, i
     from torch.utils.data import Subset
     from transformers import TrainerCallback
 
-    from helpers.instruct import add_lora, load_4bit_llava, train_instruct
+    from conftest import qlora_model, train_qlora
 
     torch.set_num_threads(1)
     data = Subset(instruct_examples, list(range(24)))
@@ -147,8 +147,8 @@ def test_balanced_batches_resume_where_they_stopped(saved_llava, tok, profile, i
                 control.should_training_stop = True
 
     def run(out, callbacks=None):
-        model = add_lora(load_4bit_llava(saved_llava), quick)
-        trainer = train_instruct(model, data, tok, quick, Paths(quick, out), save_steps=2, callbacks=callbacks,
+        model = qlora_model(saved_llava, quick)
+        trainer = train_qlora(model, data, tok, quick, Paths(quick, out), save_steps=2, callbacks=callbacks,
                                  disable_tqdm=True)
         assert trainer.args.train_sampling_strategy == "batch_rebalance"
         return {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}

@@ -42,11 +42,13 @@ def test_the_merged_export_reloaded_from_disk_equals_the_trained_model(saved_lla
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
+    from conftest import qlora_model
+
     from helpers import instruct
     from helpers.chat_template import prompt_for_next_answer
     from helpers.multimodal_data import read_llava_instruct
 
-    model = instruct.add_lora(instruct.load_4bit_llava(saved_llava), profile)
+    model = qlora_model(saved_llava, profile)
     with torch.no_grad():  # stands for training: adapters and the projector's trainable copy away from their start
         for name, p in model.named_parameters():
             if "lora_B" in name or ("modules_to_save" in name and "multi_modal_projector" in name):
@@ -131,9 +133,9 @@ def test_a_missing_earlier_stage_stops_with_its_cost_instead_of_training_for_hou
 def test_gradient_checkpointing_passes_use_reentrant_explicitly(saved_llava, profile):
     from helpers.encoding import PadCollator, encode_conversation
     from helpers.chat_template import user_message
-    from helpers.instruct import add_lora, load_4bit_llava
+    from conftest import qlora_model
 
-    model = add_lora(load_4bit_llava(saved_llava), profile.replace(gradient_checkpointing=True))
+    model = qlora_model(saved_llava, profile.replace(gradient_checkpointing=True))
     model.train()
     tok = model.get_base_model().config  # noqa: F841 (the model is what matters)
     from transformers import AutoTokenizer
@@ -193,10 +195,10 @@ def test_evaluating_during_training_does_not_break_4bit_training_on_a_cpu(saved_
 
     from helpers.chat_template import user_message
     from helpers.encoding import PadCollator, encode_conversation
-    from helpers.instruct import add_lora, load_4bit_llava
+    from conftest import qlora_model
     from transformers import AutoTokenizer
 
-    model = add_lora(load_4bit_llava(saved_llava), profile)
+    model = qlora_model(saved_llava, profile)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     tokenizer = AutoTokenizer.from_pretrained(saved_llava)

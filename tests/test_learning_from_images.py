@@ -1,4 +1,5 @@
-"""The assistant learns to *look*: stages 01-03 (the very stage functions notebooks 02 and 03 run) on a small world,
+"""The assistant learns to *look*: stages 01-03 (the stage functions notebooks 01 and 02 run, and notebook 03 itself,
+cell by cell) on a small world,
 then held-out questions asked twice, with the real image and with a blank one (the blind baseline). A model that
 learned only the world's word frequencies answers as well blind; this one must answer far better with the image.
 
@@ -16,6 +17,7 @@ import pytest
 
 from helpers import stages
 from helpers.config import TINY, Paths
+from helpers.course import run_notebook
 
 # questions whose answer is in the image alone; chance from the world's vocabulary: colour 1/4, shape 1/3, count 1/3
 IMAGE_TYPES = ("colour", "shape", "count")
@@ -31,7 +33,8 @@ def trained(tmp_path_factory):
     stages.pretrain_stage(profile, paths, resume=False)
     stages.vision_tower_stage(profile, paths, resume=False)
     stages.projection_stage(profile, paths, resume=False)
-    return stages.instruct_stage(profile, paths, resume=False).metrics
+    return run_notebook("03_qlora_instruct", stop_after="evaluate", PROFILE=profile, OUTPUT_DIR=paths.root.parent,
+                        RESUME=False)["m"]
 
 
 def test_answers_about_images_are_read_from_the_image(trained):

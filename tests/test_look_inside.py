@@ -46,9 +46,9 @@ def test_image_journey_shapes_are_the_models(llava, processor, profile):
 
 
 def test_lora_and_4bit_views(saved_llava, profile):
-    from helpers.instruct import add_lora, load_4bit_llava
+    from conftest import qlora_model
 
-    model = add_lora(load_4bit_llava(saved_llava), profile)
+    model = qlora_model(saved_llava, profile)
     out = look_inside.lora_report(model)
     look_inside.show_lora(out)
     assert set(out["targets"]) == {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}

@@ -64,10 +64,12 @@ def test_tiny_parameter_counts_equal_the_real_model(real_tiny, tiny_plans):
 def test_tiny_nf4_bytes_and_lora_equal_bitsandbytes_and_peft(real_tiny, tiny_plans, tmp_path):
     import bitsandbytes as bnb
 
-    from helpers.instruct import add_lora, load_4bit_llava
+    from conftest import four_bit_model
+
+    from helpers.course import run_cells
 
     real_tiny.save_pretrained(tmp_path)
-    model = load_4bit_llava(tmp_path)
+    model = four_bit_model(tmp_path)
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 6 * TINY.phi.num_hidden_layers
     tensors = {}
@@ -79,7 +81,7 @@ def test_tiny_nf4_bytes_and_lora_equal_bitsandbytes_and_peft(real_tiny, tiny_pla
     assert plan.parameters["quantized"] == sum(m.weight.quant_state.shape.numel() for m in quantized)
     assert plan.weight_bytes["language_model_nf4"] == sum(tensors.values())
 
-    peft_model = add_lora(model, TINY)
+    peft_model = run_cells("03_qlora_instruct", ["lora"], model=model, profile=TINY)["model"]  # notebook 03's cell
     lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert lora > 0 and plan.parameters["lora"] == lora
@@ -325,3 +327,4 @@ def test_gradient_accumulation_keeps_the_gradients():
     many = plan_memory(FULL, "instruct", gpu="H200", grad_accum=32, loss="model")
     assert many.persistent_bytes - one.persistent_bytes == one.gradient_bytes
     assert many.total_bytes > one.total_bytes
+

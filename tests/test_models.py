@@ -132,9 +132,10 @@ def test_checkpoint_reloads_with_stock_transformers_and_same_logits(llava, saved
 def test_4bit_load_quantizes_only_the_language_model(saved_llava):
     import bitsandbytes as bnb
 
-    from helpers.instruct import load_4bit_llava, quantized_module_names
+    from conftest import four_bit_model
+    from helpers.instruct import quantized_module_names
 
-    model = load_4bit_llava(saved_llava)
+    model = four_bit_model(saved_llava)
     names = quantized_module_names(model)
     assert names, "nothing was quantized"
     assert all(n.startswith("model.language_model.") for n in names)
@@ -145,9 +146,9 @@ def test_4bit_load_quantizes_only_the_language_model(saved_llava):
 
 
 def test_lora_targets_the_llm_and_trains_the_projector_in_full_precision(saved_llava, profile):
-    from helpers.instruct import add_lora, load_4bit_llava
+    from conftest import qlora_model
 
-    model = add_lora(load_4bit_llava(saved_llava), profile)
+    model = qlora_model(saved_llava, profile)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable)
     assert not any("vision_tower" in n for n in trainable)
@@ -167,3 +168,16 @@ def test_generation_stops_at_eos(llava, tok, processor):
         finally:
             llava.lm_head.weight[tok.eos_token_id] -= 1000.0
     assert ended and text == ""
+
+
+def test_the_planner_models_notebook_03s_own_4bit_and_lora_layout(saved_llava, profile):
+    """The planner keeps a copy of notebook 03's quantization skip list and LoRA settings (it must work where only
+    the package is installed): run the notebook's cells and compare, so the two cannot drift apart."""
+    from helpers import memory_plan
+    from helpers.course import run_cells
+
+    cells = run_cells("03_qlora_instruct", ["load-4bit", "lora"], checkpoint=saved_llava, profile=profile)
+    assert cells["quantization"].llm_int8_skip_modules == memory_plan.SKIP_QUANTIZATION
+    mine, theirs = cells["lora"].to_dict(), memory_plan.lora_config(profile).to_dict()
+    mine.pop("base_model_name_or_path"), theirs.pop("base_model_name_or_path")  # set by get_peft_model
+    assert mine == theirs, {k: (mine[k], theirs.get(k)) for k in mine if mine[k] != theirs.get(k)}

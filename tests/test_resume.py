@@ -16,8 +16,8 @@ steps); resuming with ``ignore_data_skip=True`` or a sampler whose order is not 
 a checkpoint that loses the optimizer or scheduler state (different hashes); a damaged checkpoint used anyway.
 
 This file is also the worker the tests start (``python tests/test_resume.py <stage> ...``): it runs one stage's
-training function (helpers.pretrain.pretrain, helpers.projection.train_projector, helpers.instruct.train_instruct)
-on the tests' small world for 12 steps, checkpointing every 4.
+training (helpers.pretrain.pretrain, helpers.projection.train_projector, and for stage 03 notebook 03's own
+cells, run with helpers.course.run_cells) on the tests' small world for 12 steps, checkpointing every 4.
 """
 from __future__ import annotations
 
@@ -166,36 +166,38 @@ def worker(argv=None):
 
         trainer, model, heldout, _ = pretrain(profile, paths, tok, read_corpus(world.corpus), **kw)
         final = mean_loss(model, heldout)
-    else:
-        from helpers.modeling import image_processor
-        from helpers.projection import feature_table, make_dataset, mean_conversation_loss
+    elif args.stage == "projection":
+        from transformers import LlavaForConditionalGeneration
 
-        if args.stage == "projection":
-            from transformers import LlavaForConditionalGeneration
+        from helpers.modeling import freeze, image_processor
+        from helpers.multimodal_data import read_coco_captions
+        from helpers.projection import feature_table, make_dataset, mean_conversation_loss, train_projector
 
-            from helpers.modeling import freeze
-            from helpers.multimodal_data import read_coco_captions
-            from helpers.projection import train_projector
-
-            records, _ = read_coco_captions(world.captions("train"), world.images("train"))
-            model = LlavaForConditionalGeneration.from_pretrained(args.llava)
-            freeze(model)
-            model.model.multi_modal_projector.requires_grad_(True)
-        else:
-            from helpers.instruct import add_lora, load_4bit_llava, train_instruct
-            from helpers.multimodal_data import read_llava_instruct
-
-            records, _ = read_llava_instruct(world.instruct("train"), world.images("train"))
-            model = load_4bit_llava(args.llava)
+        records, _ = read_coco_captions(world.captions("train"), world.images("train"))
+        model = LlavaForConditionalGeneration.from_pretrained(args.llava)
+        freeze(model)
+        model.model.multi_modal_projector.requires_grad_(True)
         feats, index = feature_table(model.model.vision_tower, image_processor(profile.vision), records,
                                      profile.vision_feature_layer, Path(args.out) / "features")
-        ds = make_dataset(records, tok, profile, feats, index, getattr(profile, args.stage))
-        if args.stage == "projection":
-            trainer = train_projector(model, ds, tok, profile, paths, **kw)
-        else:
-            model = add_lora(model, profile)
-            trainer = train_instruct(model, ds, tok, profile, paths, **kw)
+        ds = make_dataset(records, tok, profile, feats, index, profile.projection)
+        trainer = train_projector(model, ds, tok, profile, paths, **kw)
         final = mean_conversation_loss(model, ds, tok)
+    else:  # notebook 03's own cells: the 4-bit model, the cached features, LoRA, the trainer, then training
+        from transformers import AutoProcessor
+
+        from helpers.course import run_cells
+        from helpers.multimodal_data import read_llava_instruct
+        from helpers.projection import mean_conversation_loss
+
+        records, _ = read_llava_instruct(world.instruct("train"), world.images("train"))
+        processor = AutoProcessor.from_pretrained(args.llava)
+        cells = run_cells("03_qlora_instruct", ["load-4bit", "features", "lora", "trainer"], checkpoint=args.llava,
+                          processor=processor, tok=processor.tokenizer, profile=profile, paths=paths,
+                          train_records=records, val_records=records[:4], SAVE_STEPS=SAVE_EVERY)
+        cells["trainer"].add_callback(recorder)
+        cells = run_cells("03_qlora_instruct", ["train"], **cells, RESUME=None)
+        trainer, model = cells["trainer"], cells["model"]
+        final = mean_conversation_loss(model, cells["dataset"], tok)
     rows = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
     result = {"losses": rows, "final_loss": final, "global_step": trainer.state.global_step,
               "start_step": recorder.start_step, "steps_run": recorder.steps_run, "batches": recorder.batches,
