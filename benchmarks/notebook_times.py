@@ -1,10 +1,10 @@
 """End-to-end time of each notebook and stage of a course run, from the metrics the run wrote.
 
 Reads ``<output>/<profile>/metrics/run_times.json`` (wall time per executed notebook, written by helpers.course)
-and the per-stage metrics JSONs written by helpers.stages (``01_pretrain.json``, ``02_vision_tower.json``,
+and the per-stage metrics JSONs the notebooks write (``01_pretrain.json``, ``02_vision_tower.json``,
 ``02_projection.json``, ``03_qlora_instruct.json``: their ``seconds`` and finer timings), and prints one table.
 It compares the notebook's wall time with the time of the stages it ran (the rest is kernel start-up, data
-generation, plots and evaluation outside the stage functions).
+generation, plots and look-inside cells outside what a stage's metrics time).
 
     python benchmarks/notebook_times.py                      # outputs/tiny
     python benchmarks/notebook_times.py --profile full --output /path/to/outputs --json times.json
@@ -29,7 +29,8 @@ NOTEBOOK_STAGES = {
     "04_audio_pipeline": [],
     "05_demo": [],
 }
-DETAIL_KEYS = {"02_projection": ["feature_cache_seconds"], "03_qlora_instruct": ["train_seconds"]}
+DETAIL_KEYS = {"02_vision_tower": ["train_seconds"], "02_projection": ["feature_cache_seconds"],
+               "03_qlora_instruct": ["train_seconds"]}
 HOW_TO = ("No metrics found under {metrics}.\nProduce them with a course run, e.g.\n"
           "    bash scripts/run_course.sh                       # every notebook, tiny profile (writes run_times.json)\n"
           "    .venv/bin/python -m helpers.course --profile tiny  # the same without the setup step\n"

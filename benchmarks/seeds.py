@@ -1,9 +1,7 @@
 """Does the tiny course learn every skill on every seed and in every world? Notebooks 01-03, many runs.
 
-Each run trains stages 01-03 of the tiny profile from scratch as the notebooks do (the functions notebooks 01 and 02
-call, ``helpers.stages.pretrain_stage``, ``vision_tower_stage``, ``projection_stage``, and notebook 03 itself, run
-cell by cell with ``helpers.course.run_notebook``) for one
-model seed (``Profile.seed``: initialisation and data order) and one world (``WorldSpec.world_seed``: the world's
+Each run trains stages 01-03 of the tiny profile from scratch by running notebooks 01-03 themselves, cell by cell
+(``helpers.course.run_notebook``), for one model seed (``Profile.seed``: initialisation and data order) and one world (``WorldSpec.world_seed``: the world's
 objects, wording and scenes), in an output folder of its own and a process of its own. Runs go in parallel, each
 with a bounded number of CPU threads (``MMPHI_CPU_THREADS``), and the results land in one JSON file:
 
@@ -55,7 +53,6 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
     and run notebooks 02-03 again: for a change of the later stages' settings only."""
     import torch
 
-    from helpers import stages
     from helpers.config import Paths, get_profile
     from helpers.course import run_notebook
     from helpers.precision import current
@@ -66,23 +63,20 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
     profile = base.replace(seed=seed, world=dataclasses.replace(base.world, world_seed=world_seed))
     paths = Paths(profile, output)
     seconds = {}
-    start = time.perf_counter()  # notebook 01: the world, the tokenizer, stage 01
-    stages.ensure_world(profile, paths)
-    stages.ensure_tokenizer(profile, paths)
+    run = dict(PROFILE=profile, OUTPUT_DIR=output, RESUME=False)
     earlier = output / "result.json"
     if keep_01 and earlier.exists() and (paths.base_lm / "config.json").exists():
         m1 = json.loads((paths.metrics / "01_pretrain.json").read_text())
         seconds["01_pretrain_phi"] = json.loads(earlier.read_text())["seconds_by_notebook"]["01_pretrain_phi"]
-    else:
-        m1 = stages.pretrain_stage(profile, paths, resume=False).metrics
+    else:  # notebook 01 (the world, the tokenizer, stage 01), up to its held-out evaluation
+        start = time.perf_counter()
+        m1 = run_notebook("01_pretrain_phi", stop_after="evaluate", **run)["m"]
         seconds["01_pretrain_phi"] = time.perf_counter() - start
     start = time.perf_counter()  # notebook 02: the tiny CLIP, then the projector
-    stages.vision_tower_stage(profile, paths, resume=False)
-    m2 = stages.projection_stage(profile, paths, resume=False).metrics
+    m2 = run_notebook("02_projection", stop_after="evaluate", **run)["m"]
     seconds["02_projection"] = time.perf_counter() - start
     start = time.perf_counter()  # notebook 03 itself, cell by cell, up to its held-out evaluation
-    m3 = run_notebook("03_qlora_instruct", stop_after="evaluate", PROFILE=profile, OUTPUT_DIR=output,
-                      RESUME=False)["m"]
+    m3 = run_notebook("03_qlora_instruct", stop_after="evaluate", **run)["m"]
     seconds["03_qlora_instruct"] = time.perf_counter() - start
     from helpers.world import vocabulary
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import asr as speech
@@ -142,6 +143,13 @@ def wer_summary(rows: list[dict]) -> dict:
     }
 
 
+@dataclass
+class StageResult:
+    metrics: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list)
+    objects: dict = field(default_factory=dict)
+
+
 def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=None, processor=None,
                 progress: bool = True):
     """Speak, transcribe and answer the held-out questions; compare with the same questions typed.
@@ -194,9 +202,8 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
     }
     reporting.write_metrics(paths.metrics, "04_audio", metrics)
     (paths.metrics / "04_spoken_answers.json").write_text(json.dumps(rows, indent=1, default=str))
-    return stages.StageResult(metrics, samples=rows, objects={"asr": asr, "model": model, "processor": processor,
-                                                              "records": records, "wavs": wavs,
-                                                              "transcripts": transcripts})
+    return StageResult(metrics, samples=rows, objects={"asr": asr, "model": model, "processor": processor,
+                                                       "records": records, "wavs": wavs, "transcripts": transcripts})
 
 
 def plot_typed_vs_spoken(metrics: dict, path=None):

@@ -5,10 +5,10 @@
   each under ``<output>/<profile>/metrics/run_times.json``.
 * :func:`run_notebook` executes one notebook's code cells in *this* process, with parameters, as papermill would
   (the cell tagged ``parameters`` is followed by the given values): ``scripts/train_stage.py``,
-  ``benchmarks/seeds.py``, the tests and a later notebook that needs stage 03's output run stage 03 this way, so
-  its sequence is written once, in its notebook (stages 01 and 02 are still functions in ``helpers.stages``).
+  ``benchmarks/seeds.py``, the tests and a later notebook that needs an earlier stage's output (``helpers.stages``)
+  run a stage this way, so its sequence is written once, in its notebook.
 * :func:`run_cells` executes named cells only (a cell is named by its tag), on given inputs: the tests and
-  benchmarks build the course's 4-bit + LoRA model with notebook 03's own cells.
+  benchmarks build the course's models and trainers with the notebooks' own cells.
 """
 from __future__ import annotations
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no calls home
 
-import torch
 from PIL import Image
 
 from . import asr as speech

@@ -285,7 +285,7 @@ def _build_stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_
     profile = _profile(profile)
     stage = _stage(stage)
     if stage == "projection":
-        # helpers.projection.build_projection_model: LLM in the precision's dtype, CLIP tower in fp32, projector fp32
+        # notebook 02's "llava" and "freeze" cells: LLM in the precision's dtype, CLIP tower and projector fp32
         model = meta_llava(profile, compute_dtype)
         model.set_attn_implementation(attention_for(compute_dtype))
         model.model.vision_tower.float()

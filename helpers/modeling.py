@@ -189,20 +189,8 @@ def assemble_llava(lm: PhiForCausalLM, tower: CLIPVisionModel, tok, profile, see
     return model
 
 
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
 @torch.no_grad()
 def vision_features(tower: CLIPVisionModel, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
     """What LLaVA feeds its projector: hidden states of `layer` with the CLS token dropped."""
     out = tower(pixel_values=pixel_values, output_hidden_states=True)
     return out.hidden_states[layer][:, 1:]
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable

@@ -1,4 +1,4 @@
-"""Stage 01: pretrain a Phi-architecture causal LM from scratch on clean text.
+"""Stage 01's parts that are not the lesson (the lesson, PhiConfig and the trainer, is in notebook 01's cells).
 
 Documents are tokenized, each closed by EOS, and packed whole into fixed-length blocks; the rest of a block is
 padding, located by the attention mask (never by id: pad == EOS), so every real EOS is an ordinary target. One
@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from . import precision
 from .chat_template import render, user_message
 from .hub_data import pretrain_texts
 from .inference import left_padding, normalise
-from .modeling import new_phi_lm
-from .training import CourseTrainer, mean_target_loss, train, training_arguments
-from .world import CAPTION_REQUEST, QUESTION_TYPES, ask, build_world, caption, sample_scene, vocabulary
+from .training import mean_target_loss
+from .world import (CAPTION_REQUEST, QUESTION_TYPES, ask, build_world, caption, described_questions, sample_scene,
+                    vocabulary)
 
 
 class PackedBlocks(Dataset):
@@ -107,23 +106,6 @@ def load_text_documents(profile, paths) -> list[str]:
     return pretrain_texts(profile, profile.n_train_samples or 20000)
 
 
-def pretrain(profile, paths, tok, documents: list[str], callbacks=None, resume=None, save_steps=None):
-    """Train a fresh Phi LM on `documents`; returns (trainer, model, held-out blocks, initial loss).
-
-    Checkpoints go to ``<stage>/trainer/checkpoint-<step>`` every `save_steps` (default: every 25 % of the run);
-    `resume` (default: automatically from the latest valid one) is explained in ``helpers.training.train``."""
-    packed = pack_documents(tok, documents, profile.pretrain_block_size)
-    train_blocks, heldout = split_blocks(packed, seed=profile.seed)
-    model = new_phi_lm(profile.pretrain_phi, tok, seed=profile.seed)
-    model.set_attn_implementation(precision.current().attention)  # fp32 scores under a T4's fp16 autocast
-    initial = mean_loss(model, heldout)
-    args = training_arguments(profile.pretrain, paths.stage_dir("01_pretrain") / "trainer", profile.seed,
-                              n_examples=len(train_blocks[0]), save_steps=save_steps)
-    trainer = CourseTrainer(model=model, args=args, train_dataset=PackedBlocks(*train_blocks), callbacks=callbacks)
-    train(trainer, resume)
-    return trainer, model, heldout, initial
-
-
 def uniform_loss(vocab_size: int) -> float:
     """Cross-entropy of a model that knows nothing: ln(vocabulary size)."""
     return math.log(vocab_size)
@@ -152,6 +134,19 @@ def text_answer_accuracy(model, tok, probes: list[dict], batch_size: int = 64, m
     every = [c for v in correct.values() for c in v]
     return {"accuracy": sum(every) / len(every),
             "accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(correct.items())}}
+
+
+TEXT_PROBE_SCENES = 100  # fresh scenes whose caption is given in words, then one question of each type
+
+
+def text_probe(model, tok, world_spec, n_scenes: int = TEXT_PROBE_SCENES) -> dict:
+    """Can the LM answer from a description in words (the skill notebooks 02 and 03 build on)? Fresh scenes of the
+    profile's world (a seed stream of their own, never in the corpus), one question of each type, scored exactly.
+    Returns the metrics notebook 01 records: text_qa_accuracy, text_qa_accuracy_by_type, n_text_qa."""
+    probes = described_questions(n_scenes, world_spec.world_seed * 1000 + 4, vocabulary(world_spec.world_seed))
+    qa = text_answer_accuracy(model, tok, probes)
+    return {"text_qa_accuracy": qa["accuracy"], "text_qa_accuracy_by_type": qa["accuracy_by_type"],
+            "n_text_qa": len(probes)}
 
 
 @torch.no_grad()

@@ -2,41 +2,25 @@
 conversations with POPE's images left out) and each earlier stage's output, made on the spot (with a notice) when
 it is missing and the profile allows it, so a notebook also works on its own.
 
-Stages 01 and 02 are still functions here (``pretrain_stage``, ``vision_tower_stage``, ``projection_stage``);
-stage 03 is written once, in notebook 03's cells, and run from elsewhere with ``helpers.course.run_notebook``."""
+Each stage is written once, in its notebook's cells; an earlier stage that is missing is made by running its notebook
+here (``helpers.course.run_notebook``)."""
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 
 import torch
 
 from . import reporting
-from .chat_template import prompt_for_next_answer, render
+from .chat_template import render
 from .config import Paths
 from .course import run_notebook
 from .hub_data import coco_caption_files, coco_image_id, llava_instruct_files, pope_image_ids
-from .inference import generate_answers
-from .modeling import image_processor, make_processor
-from .multimodal_data import CAPTION_INSTRUCTION, read_coco_captions, read_llava_instruct
-from .precision import current, device_map
-from .pretrain import load_text_documents, mean_loss, pretrain, read_corpus, text_answer_accuracy, uniform_loss
-from .projection import build_projection_model, feature_table, make_dataset, mean_conversation_loss, train_projector
+from .multimodal_data import read_coco_captions, read_llava_instruct
+from .pretrain import read_corpus
 from .sources import describe, model_path
-from .time_plan import detect_gpu, plan_time, training_callbacks
+from .time_plan import detect_gpu, plan_time
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
-from .training import free_accelerator_memory, loss_history, reset_peak_memory, run_figures, set_cpu_threads
-from .vision import retrieval_accuracy, save_vision_tower, train_tiny_clip
-from .world import build_world, described_questions, vocabulary
-
-
-@dataclass
-class StageResult:
-    metrics: dict = field(default_factory=dict)
-    curves: dict = field(default_factory=dict)
-    samples: list = field(default_factory=list)
-    objects: dict = field(default_factory=dict)
+from .world import build_world
 
 
 def _notice(text: str):
@@ -164,59 +148,24 @@ def drop_pope_images(profile, records, report, where: str, unit: str):
     return kept
 
 
-# --------------------------------------------------------------------------------------------- stage 01
-TEXT_PROBE_SCENES = 100  # fresh scenes whose caption is given in words, then one question of each type
-
-
-def pretrain_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
-    set_cpu_threads()
-    start = time.perf_counter()
-    tok = ensure_tokenizer(profile, paths)
-    documents = load_text_documents(profile, paths)
-    reset_peak_memory()
-    trainer, model, heldout, initial = pretrain(profile, paths, tok, documents, resume=resume, save_steps=save_steps)
-    if not trainer.is_world_process_zero():  # several processes (accelerate launch): rank 0 reports and saves
-        return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
-    final = mean_loss(model, heldout)
-    metrics = {"initial_heldout_loss": initial, "final_heldout_loss": final,
-               "uniform_loss": uniform_loss(model.config.vocab_size),
-               "target_loss": initial - 1.0, "reached_target": final <= initial - 1.0,
-               "steps": trainer.state.global_step, "n_documents": len(documents),
-               "n_heldout_blocks": len(heldout[0]), "block_size": int(heldout[0].shape[1]),
-               "parameters": sum(p.numel() for p in model.parameters()), **run_figures(trainer)}
-    if profile.world is not None:  # tiny: can it answer from a text description (the skill 02 and 03 build on)?
-        probes = described_questions(TEXT_PROBE_SCENES, profile.world.world_seed * 1000 + 4,
-                                     vocabulary(profile.world.world_seed))
-        qa = text_answer_accuracy(model, tok, probes)
-        metrics.update(text_qa_accuracy=qa["accuracy"], text_qa_accuracy_by_type=qa["accuracy_by_type"],
-                       n_text_qa=len(probes))
-    if profile.llm_checkpoint:  # full: Phi-2's own loss on the very same held-out blocks
-        from transformers import AutoModelForCausalLM
-
-        phi2 = AutoModelForCausalLM.from_pretrained(model_path(profile, "phi2"), dtype=current().dtype,
-                                                    attn_implementation=current().attention, device_map=device_map())
-        metrics["phi2_heldout_loss"] = mean_loss(phi2, heldout, batch_size=4)
-        del phi2
-
-        free_accelerator_memory()
-    model.save_pretrained(paths.base_lm)
-    tok.save_pretrained(paths.base_lm)
-    metrics["seconds"] = time.perf_counter() - start
-    reporting.write_metrics(paths.metrics, "01_pretrain", metrics)
-    return StageResult(metrics, {"train loss": loss_history(trainer)}, objects={"model": model, "tok": tok,
-                                                                            "heldout": heldout})
+# ------------------------------------------------------------------------------------ earlier stages' outputs
+def _run(notebook: str, profile, paths: Paths, stop_after: str = "evaluate"):
+    """Run an earlier stage's notebook here, in this process, with this profile and output folder."""
+    return lambda: run_notebook(notebook, stop_after=stop_after, PROFILE=profile, OUTPUT_DIR=paths.root.parent)
 
 
 def ensure_base_lm(profile, paths: Paths):
+    """Where the stage-02 LM comes from: Phi-2 (full: the ``phi2`` source) or notebook 01's LM (tiny), which is run
+    first when missing or made with another tokenizer (and the profile allows it, see :func:`train_missing`)."""
     if profile.llm_checkpoint:
-        return profile.llm_checkpoint
+        return model_path(profile, "phi2")
     tok = ensure_tokenizer(profile, paths)
     if not (paths.base_lm / "config.json").exists():
         train_missing(profile, "pretrain", f"no pretrained base LM at {paths.base_lm}",
-                      lambda: pretrain_stage(profile, paths))
+                      _run("01_pretrain_phi", profile, paths))
     elif load_tokenizer_vocab(paths.base_lm) != tok.get_vocab():
         train_missing(profile, "pretrain", f"the base LM at {paths.base_lm} was trained with another tokenizer",
-                      lambda: pretrain_stage(profile, paths))
+                      _run("01_pretrain_phi", profile, paths))
     return paths.base_lm
 
 
@@ -225,28 +174,6 @@ def load_tokenizer_vocab(path) -> dict | None:
         return load_tokenizer(path).get_vocab()
     except (OSError, ValueError):
         return None
-
-
-# ------------------------------------------------------------------------------------------ vision tower
-def vision_tower_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
-    """Tiny: train a small CLIP contrastively on the training captions. Full: nothing to do (downloaded)."""
-    if profile.clip_checkpoint:
-        return StageResult({"vision_tower": profile.clip_checkpoint})
-
-    set_cpu_threads()
-    start = time.perf_counter()
-    tok = ensure_tokenizer(profile, paths)
-    train, _ = caption_records(profile, paths, "train")
-    val, _ = caption_records(profile, paths, "val")
-    pairs = [(str(r.image), r.messages[1]["content"]) for r in train]
-    val_pairs = [(str(r.image), r.messages[1]["content"]) for r in val]
-    trainer, clip = train_tiny_clip(profile, paths, tok, pairs, resume=resume, save_steps=save_steps)
-    save_vision_tower(clip, profile, paths)
-    metrics = {"heldout_retrieval_top1_batch64": retrieval_accuracy(clip, tok, val_pairs,
-                                                                    image_processor(profile.vision)),
-               "chance": 1 / 64, "steps": trainer.state.global_step, "seconds": time.perf_counter() - start}
-    reporting.write_metrics(paths.metrics, "02_vision_tower", metrics)
-    return StageResult(metrics, {"contrastive loss": loss_history(trainer)})
 
 
 def _vision_matches(saved: dict, profile) -> bool:
@@ -267,64 +194,7 @@ def ensure_vision_tower(profile, paths: Paths):
         problem = f"the vision tower at {paths.clip} was built for other settings"
     else:
         return
-    train_missing(profile, "vision_tower", problem, lambda: vision_tower_stage(profile, paths))
-
-
-# --------------------------------------------------------------------------------------------- stage 02
-def projection_stage(profile, paths: Paths, resume=None, save_steps: int | None = None) -> StageResult:
-    set_cpu_threads()
-    start = time.perf_counter()
-    ensure_base_lm(profile, paths)
-    ensure_vision_tower(profile, paths)
-    tok = ensure_tokenizer(profile, paths)
-    train, train_report = caption_records(profile, paths, "train")
-    val, _ = caption_records(profile, paths, "val")
-    model, image_proc = build_projection_model(profile, paths, tok)
-    tower = model.model.vision_tower
-    t0 = time.perf_counter()
-    feats, index = feature_table(tower, image_proc, train, profile.vision_feature_layer, paths.features / "train")
-    vfeats, vindex = feature_table(tower, image_proc, val, profile.vision_feature_layer, paths.features / "val")
-    cache_seconds = time.perf_counter() - t0
-    dataset = make_dataset(train, tok, profile, feats, index, profile.projection)
-    val_dataset = make_dataset(val, tok, profile, vfeats, vindex, profile.projection)
-    initial = mean_conversation_loss(model, val_dataset, tok)
-    reset_peak_memory()
-    # on a GPU: the memory and time plans for it, printed before training, and the planned vs measured s/step + ETA
-    trainer = train_projector(model, dataset, tok, profile, paths, resume=resume, save_steps=save_steps,
-                              callbacks=training_callbacks(profile, "projection", dataset))
-    if not trainer.is_world_process_zero():
-        return StageResult({"steps": trainer.state.global_step}, {"train loss": loss_history(trainer)})
-    final = mean_conversation_loss(model, val_dataset, tok)
-
-    processor = make_processor(tok, profile.vision)
-    seen, samples = set(), []
-    for r in val:
-        if r.image in seen or len(samples) >= 8:
-            continue
-        seen.add(r.image)
-        samples.append(r)
-    from PIL import Image
-
-    prompt = prompt_for_next_answer([], CAPTION_INSTRUCTION, tok.eos_token)
-    answers = generate_answers(model, processor, [Image.open(r.image).convert("RGB") for r in samples],
-                               [prompt] * len(samples), max_new_tokens=profile.max_new_tokens * 3)
-    rows = [{"image": r.image.name, "target": r.messages[1]["content"], "generated": a,
-             "exact": a.strip() == r.messages[1]["content"].strip()} for r, (a, _) in zip(samples, answers)]
-    model.save_pretrained(paths.projection)
-    processor.save_pretrained(paths.projection)
-    metrics = {"initial_heldout_caption_loss": initial, "final_heldout_caption_loss": final,
-               "steps": trainer.state.global_step, "n_train_captions": len(dataset),
-               "skipped_records": dict(train_report.skipped), "feature_cache_seconds": cache_seconds,
-               "n_feature_images": len(index) + len(vindex),
-               "examples_seen": trainer.state.global_step * profile.projection.batch_size
-               * profile.projection.grad_accum * trainer.args.world_size,
-               "sample_exact_captions": sum(r["exact"] for r in rows) / max(len(rows), 1),
-               **run_figures(trainer), "seconds": time.perf_counter() - start}
-    if train_report.pope_heldout:  # the evaluated POPE images left out of training (drop_pope_images)
-        metrics["pope_heldout_removed"] = train_report.pope_heldout
-    reporting.write_metrics(paths.metrics, "02_projection", metrics)
-    return StageResult(metrics, {"train loss": loss_history(trainer)}, rows,
-                       {"model": model, "processor": processor, "val_dataset": val_dataset, "val": val})
+    train_missing(profile, "vision_tower", problem, _run("02_projection", profile, paths, "vision-tower"))
 
 
 def ensure_projection(profile, paths: Paths):
@@ -335,14 +205,12 @@ def ensure_projection(profile, paths: Paths):
         problem = f"the stage-02 checkpoint at {paths.projection} was built for other settings"
     else:
         return paths.projection
-    train_missing(profile, "projection", problem, lambda: projection_stage(profile, paths))
+    train_missing(profile, "projection", problem, _run("02_projection", profile, paths))
     return paths.projection
 
 
-# --------------------------------------------------------------------------------------------- stage 03
 def ensure_assistant(profile, paths: Paths):
     if not (paths.assistant / "config.json").exists():
         train_missing(profile, "instruct", f"no stage-03 assistant at {paths.assistant}",
-                      lambda: run_notebook("03_qlora_instruct", stop_after="evaluate", PROFILE=profile,
-                                           OUTPUT_DIR=paths.root.parent))
+                      _run("03_qlora_instruct", profile, paths))
     return paths.assistant

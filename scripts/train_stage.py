@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STAGES = {"pretrain": "pretrain_stage", "projection": "projection_stage", "instruct": "03_qlora_instruct"}
-# stage 03 is its notebook: run here cell by cell in this process (helpers.course.run_notebook), up to its held-out
+STAGES = {"pretrain": "01_pretrain_phi", "projection": "02_projection", "instruct": "03_qlora_instruct"}
+# each stage is its notebook: run here cell by cell in this process (helpers.course.run_notebook), up to its held-out
 # evaluation; the other processes of a multi-process run stop after training
 SPEC_FIELD = {"pretrain": "pretrain", "projection": "projection", "instruct": "instruct"}
 
@@ -103,7 +103,7 @@ def cache_features_on_main_process_first() -> None:
         with state.main_process_first():
             return compute(*args, **kwargs)
 
-    projection.feature_table = feature_table  # helpers.stages imports it when the stage runs
+    projection.feature_table = feature_table  # the notebook's cell imports it when it runs
 
 
 def main(argv=None) -> int:
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     pin_local_gpu()
-    from helpers import stages
     from helpers.config import Paths, get_profile
+    from helpers.course import run_notebook
     from helpers.time_plan import fit_to_gpu
 
     # as the notebooks do: the recipe for the GPU found first (full profile), then this command's flags win
@@ -142,15 +142,10 @@ def main(argv=None) -> int:
         cache_features_on_main_process_first()
     start = time.perf_counter()
     resume = args.resume_from or (None if args.resume else False)
-    if STAGES[args.stage].endswith("_stage"):
-        metrics = getattr(stages, STAGES[args.stage])(profile, paths, resume=resume, save_steps=args.save_steps).metrics
-    else:
-        from helpers.course import run_notebook
-
-        rank = int(os.environ.get("RANK", "0"))
-        done = run_notebook(STAGES[args.stage], stop_after="evaluate" if rank == 0 else "train", PROFILE=profile,
-                            OUTPUT_DIR=paths.root.parent, RESUME=resume, SAVE_STEPS=args.save_steps)
-        metrics = done.get("m", {"steps": done["trainer"].state.global_step if "trainer" in done else None})
+    rank = int(os.environ.get("RANK", "0"))
+    done = run_notebook(STAGES[args.stage], stop_after="evaluate" if rank == 0 else "train", PROFILE=profile,
+                        OUTPUT_DIR=paths.root.parent, RESUME=resume, SAVE_STEPS=args.save_steps)
+    metrics = done.get("m", {"steps": done["trainer"].state.global_step})
     seconds = time.perf_counter() - start
     if int(os.environ.get("RANK", "0")) == 0:
         spec = getattr(profile, SPEC_FIELD[args.stage])

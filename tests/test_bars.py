@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import bars, stages
+from helpers import bars
 from helpers.config import FULL, TINY, Bars, Paths, StageSpec, with_settings
+from helpers.course import run_notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -45,13 +46,15 @@ def test_the_documented_bars_pass_good_runs_and_name_what_a_bad_one_missed():
     assert with_settings(TINY, {"bars.text_probe": "0.5"}).bars.text_probe == 0.5
 
 
-def test_a_stage_that_cannot_meet_its_bar_raises_with_the_measured_figure(profile, world, tmp_path):
-    """Stage 01 for real (40 steps on the tests' small world), with a loss bar no run can reach."""
+def test_a_stage_that_cannot_meet_its_bar_raises_with_the_measured_figure(profile, tmp_path):
+    """Notebook 01 for real, up to its evaluation (40 steps on the tests' small world), with a loss bar no run can
+    reach."""
     impossible = dataclasses.replace(profile, bars=Bars(loss_drop=100.0),
                                      pretrain=StageSpec(learning_rate=3e-3, batch_size=16, max_steps=40,
                                                         logging_steps=10))
     paths = Paths(impossible, tmp_path)
-    m = stages.pretrain_stage(impossible, paths, resume=False).metrics
+    m = run_notebook("01_pretrain_phi", stop_after="evaluate", PROFILE=impossible, OUTPUT_DIR=tmp_path,
+                     RESUME=False)["m"]
     assert m["final_heldout_loss"] < m["initial_heldout_loss"] - 1.0  # it learned, just not 100 nats
     with pytest.raises(bars.BarNotMet, match=rf"held-out loss {m['final_heldout_loss']:.3f} > target"):
         bars.check(impossible, "01_pretrain", m)

@@ -1,5 +1,4 @@
 """Label masking, pad vs EOS, and the identity of training text and inference prompts."""
-import torch
 
 from helpers.chat_template import from_llava, prompt_for_next_answer, render, user_message
 from helpers.encoding import IGNORE_INDEX, PadCollator, encode_conversation, encode_prompt

@@ -117,7 +117,7 @@ def test_a_missing_earlier_stage_stops_with_its_cost_instead_of_training_for_hou
     from helpers import stages
     from helpers.config import Paths
 
-    monkeypatch.setattr(stages, "projection_stage", lambda *a, **k: pytest.fail("started training"))
+    monkeypatch.setattr(stages, "run_notebook", lambda *a, **k: pytest.fail("started training"))
     paths = Paths(FULL, tmp_path)
     with pytest.raises(stages.MissingStageError) as err:
         stages.ensure_projection(FULL, paths)
@@ -125,9 +125,9 @@ def test_a_missing_earlier_stage_stops_with_its_cost_instead_of_training_for_hou
     assert "no stage-02 checkpoint" in message and "02_projection.ipynb" in message
     assert "train_missing_stages" in message and "would take" in message
     ran = []
-    monkeypatch.setattr(stages, "projection_stage", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(stages, "run_notebook", lambda name, **k: ran.append((name, k["stop_after"])))
     stages.ensure_projection(FULL.replace(train_missing_stages=True), paths)
-    assert ran == [1]
+    assert ran == [("02_projection", "evaluate")]
 
 
 def test_gradient_checkpointing_passes_use_reentrant_explicitly(saved_llava, profile):

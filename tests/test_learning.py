@@ -7,38 +7,39 @@ from helpers.config import Paths, StageSpec
 
 
 def test_pretraining_lowers_heldout_loss(tok, world, profile, tmp_path):
-    from helpers.pretrain import mean_loss, pretrain, read_corpus
+    """Notebook 01's own cells: blocks, PhiConfig model, trainer, training."""
+    from helpers.course import run_cells
+    from helpers.pretrain import mean_loss, read_corpus
 
     quick = dataclasses.replace(profile, pretrain=StageSpec(learning_rate=3e-3, batch_size=16, max_steps=40,
                                                              logging_steps=10))
-    trainer, model, heldout, initial = pretrain(quick, Paths(quick, tmp_path), tok, read_corpus(world.corpus))
-    final = mean_loss(model, heldout)
-    assert final < initial - 1.0, (initial, final)
+    cells = run_cells("01_pretrain_phi", ["blocks", "model", "trainer", "train"], profile=quick,
+                      paths=Paths(quick, tmp_path), tok=tok, documents=read_corpus(world.corpus), SAVE_STEPS=None,
+                      RESUME=False)
+    final = mean_loss(cells["model"], cells["heldout"])
+    assert final < cells["initial"] - 1.0, (cells["initial"], final)
 
 
 def test_projector_only_training_changes_only_the_projector_and_lowers_loss(saved_llava, world, tok, profile,
                                                                             tmp_path):
+    """Notebook 02's own cells after the model is assembled: freezing, cached features, trainer, training."""
     from transformers import LlavaForConditionalGeneration
 
+    from helpers.course import run_cells
+    from helpers.modeling import image_processor
     from helpers.multimodal_data import read_coco_captions
-    from helpers.modeling import freeze
-    from helpers.projection import feature_table, make_dataset, mean_conversation_loss, train_projector
+    from helpers.projection import mean_conversation_loss
 
     model = LlavaForConditionalGeneration.from_pretrained(saved_llava)
-    freeze(model)
-    model.model.multi_modal_projector.requires_grad_(True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     records, _ = read_coco_captions(world.captions("train"), world.images("train"))
-    from helpers.modeling import image_processor
-
-    feats, index = feature_table(model.model.vision_tower, image_processor(profile.vision), records, -2,
-                                 tmp_path / "feats")
-    ds = make_dataset(records, tok, profile, feats, index, profile.projection)
-    initial = mean_conversation_loss(model, ds, tok)
     quick = dataclasses.replace(profile, projection=StageSpec(learning_rate=1e-2, batch_size=16, max_steps=15,
                                                                logging_steps=5))
-    train_projector(model, ds, tok, quick, Paths(quick, tmp_path))
-    final = mean_conversation_loss(model, ds, tok)
+    cells = run_cells("02_projection", ["freeze", "features", "trainer", "train"], model=model, profile=quick,
+                      paths=Paths(quick, tmp_path), tok=tok, image_proc=image_processor(profile.vision),
+                      train_records=records, val_records=records, SAVE_STEPS=None, RESUME=False)
+    initial = cells["initial"]
+    final = mean_conversation_loss(model, cells["dataset"], tok)
     assert final < initial
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all("multi_modal_projector" in k for k in changed)

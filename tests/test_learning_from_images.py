@@ -1,5 +1,4 @@
-"""The assistant learns to *look*: stages 01-03 (the stage functions notebooks 01 and 02 run, and notebook 03 itself,
-cell by cell) on a small world,
+"""The assistant learns to *look*: notebooks 01-03 themselves, cell by cell, on a small world,
 then held-out questions asked twice, with the real image and with a blank one (the blind baseline). A model that
 learned only the world's word frequencies answers as well blind; this one must answer far better with the image.
 
@@ -15,8 +14,7 @@ import dataclasses
 
 import pytest
 
-from helpers import stages
-from helpers.config import TINY, Paths
+from helpers.config import TINY
 from helpers.course import run_notebook
 
 # questions whose answer is in the image alone; chance from the world's vocabulary: colour 1/4, shape 1/3, count 1/3
@@ -29,12 +27,10 @@ def trained(tmp_path_factory):
     profile = TINY.replace(world=world, n_eval_samples=60,
                            pretrain=dataclasses.replace(TINY.pretrain, max_steps=300),
                            instruct=dataclasses.replace(TINY.instruct, epochs=3.0))
-    paths = Paths(profile, tmp_path_factory.mktemp("learning"))
-    stages.pretrain_stage(profile, paths, resume=False)
-    stages.vision_tower_stage(profile, paths, resume=False)
-    stages.projection_stage(profile, paths, resume=False)
-    return run_notebook("03_qlora_instruct", stop_after="evaluate", PROFILE=profile, OUTPUT_DIR=paths.root.parent,
-                        RESUME=False)["m"]
+    run = dict(stop_after="evaluate", PROFILE=profile, OUTPUT_DIR=tmp_path_factory.mktemp("learning"), RESUME=False)
+    run_notebook("01_pretrain_phi", **run)
+    run_notebook("02_projection", **run)
+    return run_notebook("03_qlora_instruct", **run)["m"]
 
 
 def test_answers_about_images_are_read_from_the_image(trained):

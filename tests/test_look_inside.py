@@ -1,8 +1,6 @@
 """The notebooks' look-inside views show the real objects: the numbers they print are the model's own."""
 from __future__ import annotations
 
-import pytest
-import torch
 from PIL import Image
 
 from helpers import look_inside

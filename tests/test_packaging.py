@@ -13,7 +13,6 @@ import tomllib
 from pathlib import Path
 
 import nbformat
-import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -137,15 +137,22 @@ def test_rerunning_a_finished_stage_loads_it_instead_of_training_more(tmp_path, 
     import dataclasses
 
     from helpers.config import Paths, StageSpec
-    from helpers.pretrain import pretrain, read_corpus
+    from helpers.course import run_cells
+    from helpers.pretrain import read_corpus
 
     torch.manual_seed(0)
     spec = StageSpec(learning_rate=3e-3, batch_size=8, max_steps=3, logging_steps=1)
     small = dataclasses.replace(profile, pretrain=spec)
     paths = Paths(small, tmp_path)
     docs = read_corpus(world.corpus)[:120]
-    first, model, _, _ = pretrain(small, paths, tok, docs, save_steps=3)
-    again, model_again, _, _ = pretrain(small, paths, tok, docs, save_steps=3)
+
+    def notebook_01():  # its cells: blocks, model, trainer, train (resumed: RESUME = True)
+        cells = run_cells("01_pretrain_phi", ["blocks", "model", "trainer", "train"], profile=small, paths=paths,
+                          tok=tok, documents=docs, SAVE_STEPS=3, RESUME=True)
+        return cells["trainer"], cells["model"]
+
+    first, model = notebook_01()
+    again, model_again = notebook_01()
     assert first.state.global_step == again.state.global_step == 3
     logged = [row for row in first.state.log_history if "train_runtime" not in row]  # the end-of-run summary row
     assert again.state.log_history == logged

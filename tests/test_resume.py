@@ -16,8 +16,7 @@ steps); resuming with ``ignore_data_skip=True`` or a sampler whose order is not 
 a checkpoint that loses the optimizer or scheduler state (different hashes); a damaged checkpoint used anyway.
 
 This file is also the worker the tests start (``python tests/test_resume.py <stage> ...``): it runs one stage's
-training (helpers.pretrain.pretrain, helpers.projection.train_projector, and for stage 03 notebook 03's own
-cells, run with helpers.course.run_cells) on the tests' small world for 12 steps, checkpointing every 4.
+training (the notebook's own cells, run with helpers.course.run_cells) on the tests' small world for 12 steps, checkpointing every 4.
 """
 from __future__ import annotations
 
@@ -160,28 +159,33 @@ def worker(argv=None):
     tok = load_tokenizer(args.tok)
     world = WorldFiles(Path(args.world))
     recorder = _recorder(args.pause_at, Path(args.result + ".paused"))
-    kw = dict(callbacks=[recorder], save_steps=SAVE_EVERY)
-    if args.stage == "pretrain":
-        from helpers.pretrain import mean_loss, pretrain, read_corpus
+    if args.stage == "pretrain":  # notebook 01's own cells: blocks, model, trainer, then training
+        from helpers.course import run_cells
+        from helpers.pretrain import mean_loss, read_corpus
 
-        trainer, model, heldout, _ = pretrain(profile, paths, tok, read_corpus(world.corpus), **kw)
-        final = mean_loss(model, heldout)
-    elif args.stage == "projection":
+        cells = run_cells("01_pretrain_phi", ["blocks", "model", "trainer"], profile=profile, paths=paths, tok=tok,
+                          documents=read_corpus(world.corpus), SAVE_STEPS=SAVE_EVERY)
+        cells["trainer"].add_callback(recorder)
+        cells = run_cells("01_pretrain_phi", ["train"], **cells, RESUME=None)
+        trainer, model = cells["trainer"], cells["model"]
+        final = mean_loss(model, cells["heldout"])
+    elif args.stage == "projection":  # notebook 02's own cells: freezing, features, trainer, then training
         from transformers import LlavaForConditionalGeneration
 
-        from helpers.modeling import freeze, image_processor
+        from helpers.course import run_cells
+        from helpers.modeling import image_processor
         from helpers.multimodal_data import read_coco_captions
-        from helpers.projection import feature_table, make_dataset, mean_conversation_loss, train_projector
+        from helpers.projection import mean_conversation_loss
 
         records, _ = read_coco_captions(world.captions("train"), world.images("train"))
-        model = LlavaForConditionalGeneration.from_pretrained(args.llava)
-        freeze(model)
-        model.model.multi_modal_projector.requires_grad_(True)
-        feats, index = feature_table(model.model.vision_tower, image_processor(profile.vision), records,
-                                     profile.vision_feature_layer, Path(args.out) / "features")
-        ds = make_dataset(records, tok, profile, feats, index, profile.projection)
-        trainer = train_projector(model, ds, tok, profile, paths, **kw)
-        final = mean_conversation_loss(model, ds, tok)
+        cells = run_cells("02_projection", ["freeze", "features", "trainer"],
+                          model=LlavaForConditionalGeneration.from_pretrained(args.llava), profile=profile,
+                          paths=paths, tok=tok, image_proc=image_processor(profile.vision), train_records=records,
+                          val_records=records[:8], SAVE_STEPS=SAVE_EVERY)
+        cells["trainer"].add_callback(recorder)
+        cells = run_cells("02_projection", ["train"], **cells, RESUME=None)
+        trainer, model = cells["trainer"], cells["model"]
+        final = mean_conversation_loss(model, cells["dataset"], tok)
     else:  # notebook 03's own cells: the 4-bit model, the cached features, LoRA, the trainer, then training
         from transformers import AutoProcessor
 

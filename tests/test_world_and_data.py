@@ -148,7 +148,7 @@ def test_a_base_lm_trained_with_another_tokenizer_is_retrained(tmp_path, profile
     paths = Paths(profile, tmp_path)
     tok = stages.ensure_tokenizer(profile, paths)
     calls = []
-    monkeypatch.setattr(stages, "pretrain_stage", lambda profile, paths: calls.append("01"))
+    monkeypatch.setattr(stages, "run_notebook", lambda name, **kw: calls.append(name))
     paths.base_lm.mkdir(parents=True)
     (paths.base_lm / "config.json").write_text("{}")
     tok.save_pretrained(paths.base_lm)
@@ -156,7 +156,7 @@ def test_a_base_lm_trained_with_another_tokenizer_is_retrained(tmp_path, profile
     assert calls == []  # same tokenizer: the saved LM is used
     train_bpe_tokenizer(["a b c d e f g"] * 50, vocab_size=300, out_dir=paths.base_lm)
     stages.ensure_base_lm(profile, paths)
-    assert calls == ["01"]  # its vocabulary no longer matches: stage 01 runs again
+    assert calls == ["01_pretrain_phi"]  # its vocabulary no longer matches: notebook 01 runs again
 
 
 # ----------------------------------------------------------------------------------------- world seeds
