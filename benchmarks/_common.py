@@ -43,8 +43,8 @@ def setup_threads(device: torch.device, threads: int = 0) -> None:
 
 
 def precision(device: torch.device) -> torch.dtype:
-    """What the course uses there (helpers.precision): bf16 / fp16 on a GPU, fp32 on a CPU."""
-    from helpers.precision import current
+    """What the course uses there (helpers.models.precision): bf16 / fp16 on a GPU, fp32 on a CPU."""
+    from helpers.models.precision import current
 
     return current().dtype if device.type == "cuda" else torch.float32
 
@@ -68,17 +68,17 @@ def profile_for(size: str):
 
 
 def stand_in_tokenizer(profile):
-    from helpers.memory_plan import StandInTokenizer
+    from helpers.planning.memory_plan import StandInTokenizer
 
     return StandInTokenizer.for_profile(profile)
 
 
 def random_llava(profile, device: torch.device, lm_dtype: torch.dtype, seed: int = 0, vision=None):
     """A randomly initialised LLaVA of the profile's sizes (Phi LM + CLIP ViT tower + projector), assembled by the
-    course's own helpers.modeling.assemble_llava. `vision` overrides the tower's VisionSpec."""
+    course's own helpers.models.modeling.assemble_llava. `vision` overrides the tower's VisionSpec."""
     from transformers import CLIPVisionModel, PhiForCausalLM
 
-    from helpers.modeling import assemble_llava, clip_vision_config, phi_config
+    from helpers.models.modeling import assemble_llava, clip_vision_config, phi_config
 
     if vision is not None:
         profile = profile.replace(vision=vision)
@@ -200,14 +200,14 @@ def add_time_limit(parser: argparse.ArgumentParser, default: float) -> None:
 def gpu_key(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
-    from helpers.time_plan import detect_gpu
+    from helpers.planning.time_plan import detect_gpu
 
     return detect_gpu()
 
 
 def gpu_memory(device: torch.device):
-    """helpers.memory_plan.GPU of this CUDA device (for plans)."""
-    from helpers.memory_plan import GPU
+    """helpers.planning.memory_plan.GPU of this CUDA device (for plans)."""
+    from helpers.planning.memory_plan import GPU
 
     props = torch.cuda.get_device_properties(device)
     return GPU(props.name, props.total_memory / 2 ** 30, native_bf16=props.major >= 8)
@@ -235,9 +235,9 @@ def random_4bit_llava(profile, device: torch.device, cache_dir: str | os.PathLik
 def set_checkpointing(model, on: bool) -> None:
     """Gradient checkpointing on (the course's default arguments, as peft's prepare_model_for_kbit_training sets it)
     or off, on a (peft-wrapped) LLaVA."""
-    from helpers.training import _llava_of
-
     import warnings
+
+    from helpers.train.training import _llava_of
 
     llava = _llava_of(model)
     with warnings.catch_warnings():  # transformers 5.2x renames these to activation_checkpointing_*
@@ -251,10 +251,10 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 def synthetic_conversations(profile, lengths: list[int], answer_fraction: float, seed: int = 0) -> list[dict]:
-    """Training examples shaped like the course's (helpers.multimodal_data.ConversationDataset): image placeholders
+    """Training examples shaped like the course's (helpers.data.multimodal_data.ConversationDataset): image placeholders
     first, random text tokens, answer spans as labels (about `answer_fraction` of the text), cached vision
     features."""
-    from helpers.memory_plan import StandInTokenizer
+    from helpers.planning.memory_plan import StandInTokenizer
 
     tok = StandInTokenizer.for_profile(profile)
     g = torch.Generator().manual_seed(seed)

@@ -31,8 +31,8 @@ PAIRS_SCENES, PAIRS_STREAM = 150, 77
 
 def all_types_records(world_seed: int, folder: Path):
     from helpers.config import TINY
-    from helpers.multimodal_data import read_llava_instruct
-    from helpers.world import WorldFiles, write_split, vocabulary
+    from helpers.data.multimodal_data import read_llava_instruct
+    from helpers.data.world import WorldFiles, vocabulary, write_split
 
     files = WorldFiles(folder)
     if not files.instruct("val").exists():
@@ -44,8 +44,8 @@ def all_types_records(world_seed: int, folder: Path):
 def colour_pair_records(world_seed: int, folder: Path):
     """Every colour asked about on every scene; returns (records, [(true colour, asked colour)] per record)."""
     from helpers.config import TINY
-    from helpers.multimodal_data import read_llava_instruct
-    from helpers.world import render, sample_scene, to_llava_conversations, vocabulary
+    from helpers.data.multimodal_data import read_llava_instruct
+    from helpers.data.world import render, sample_scene, to_llava_conversations, vocabulary
 
     vocab = vocabulary(world_seed)
     rng = random.Random(world_seed * 1000 + PAIRS_STREAM)
@@ -68,7 +68,7 @@ def colour_pair_records(world_seed: int, folder: Path):
 
 
 def check_run(run: Path, cache: Path) -> dict:
-    from helpers.inference import evaluate_conversations, load_assistant
+    from helpers.models.inference import evaluate_conversations, load_assistant
 
     world_seed = json.loads((run / "result.json").read_text())["world_seed"]
     model, processor = load_assistant(run / "tiny" / "03_qlora_instruct" / "merged")

@@ -7,7 +7,7 @@ decoding, exactly `--new-tokens` tokens each (min_new_tokens = max_new_tokens, s
 * ``no cache`` – ``model.generate(use_cache=False)``: the whole sequence recomputed for every token;
 * ``static``   – ``model.generate(cache_implementation="static")``: transformers' stock static cache (on a GPU it
   compiles the forward itself on the first call);
-* ``fast``     – ``helpers.fast_generation.FastGreedy``: static cache + the one-token step compiled as a CUDA graph
+* ``fast``     – ``helpers.models.fast_generation.FastGreedy``: static cache + the one-token step compiled as a CUDA graph
   (transformers' documented custom-loop path), what the demo and the evaluation use on a GPU.
 
 Each way's first call (compilation for ``static`` and ``fast`` on a GPU) is timed apart as its warm-up, then
@@ -44,7 +44,7 @@ def prompts(model, profile, batch_size: int, question_tokens: int, device):
 def make_way(name, model, tok, ids, mask, pixels, n, backend="inductor"):
     common = dict(max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if name == "fast":
-        from helpers.fast_generation import FastGreedy, cache_length_bucket
+        from helpers.models.fast_generation import FastGreedy, cache_length_bucket
 
         context = model.config.text_config.max_position_embeddings
         gen = FastGreedy(model, batch_size=ids.shape[0], max_cache_len=cache_length_bucket(ids.shape[1] + n, context),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the fp16 path that a T4 takes (helpers.precision), in one run of about 6-8 minutes on one big GPU.
+# The GPU checks of the fp16 path that a T4 takes (helpers.models.precision), in one run of about 6-8 minutes on one big GPU.
 # Results (JSON and logs) go to $OUT (the device tool's folder) or benchmarks/results. Run from the repository root:
 #   bash benchmarks/gpu_checks.sh
 # 1. The course's stages 01-03 through Trainer in fp16 (gradient scaler, 4-bit layers computing in fp16, Phi's

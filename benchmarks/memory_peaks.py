@@ -42,7 +42,7 @@ def kernel_context(attention: str, device):
 
 
 def make_batch(profile, rows: int, length: int, answer_fraction: float, device, seed: int = 0):
-    from helpers.encoding import PadCollator
+    from helpers.data.encoding import PadCollator
 
     examples = C.synthetic_conversations(profile, [length] * rows, answer_fraction, seed=seed)
     batch = PadCollator(0)(examples)
@@ -50,7 +50,7 @@ def make_batch(profile, rows: int, length: int, answer_fraction: float, device, 
 
 
 def one_micro_step(model, batch, loss_kind, num_items, dtype, device):
-    from helpers.training import answer_only_loss, project_cached_features
+    from helpers.train.training import answer_only_loss, project_cached_features
 
     b = dict(batch)
     features = b.pop("vision_features")
@@ -91,7 +91,7 @@ def measure(model, optimizer, profile, cfg, dtype, device, seed):
 
 
 def planned(profile, stage, cfg, memory_gpu):
-    from helpers.memory_plan import plan_memory
+    from helpers.planning.memory_plan import plan_memory
 
     kw = dict(gpu=memory_gpu, batch_size=cfg["batch"], seq_length=cfg["tokens"],
               gradient_checkpointing=cfg["checkpointing"], attention=cfg["attention"], loss=cfg["loss"])

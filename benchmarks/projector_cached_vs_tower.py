@@ -1,10 +1,10 @@
 """Stage 02 training step: projector fed from cached vision features vs running the vision tower every step.
 
 Both ways train the same randomly initialised LLaVA (Phi LM + CLIP ViT tower + 2-layer projector, assembled by
-helpers.modeling.assemble_llava): projector-only trainable, frozen LM and tower, AdamW, one forward + loss +
+helpers.models.modeling.assemble_llava): projector-only trainable, frozen LM and tower, AdamW, one forward + loss +
 backward + optimizer step per batch of identical token ids.
 
-* cached : vision features computed once beforehand; each step runs helpers.training.project_cached_features
+* cached : vision features computed once beforehand; each step runs helpers.train.training.project_cached_features
            and the stock LLaVA forward with ``mm_encoder_outputs`` (what the course does);
 * tower  : each step passes ``pixel_values`` and LLaVA runs the CLIP tower itself (what earlier attempts did).
 
@@ -16,7 +16,7 @@ which is the tower the full profile runs; ``--tower both`` (the default) measure
     python benchmarks/projector_cached_vs_tower.py --size phi2          # on a GPU: Phi-2-sized LM, ViT-B/32
 
 On a GPU it also reports torch.cuda.max_memory_allocated() per way and, for --size phi2, the planner's estimate
-(helpers.memory_plan) for the same batch, so the plan can be checked against a measurement.
+(helpers.planning.memory_plan) for the same batch, so the plan can be checked against a measurement.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def make_batch(model, profile, batch_size: int, text_tokens: int, device):
 def benchmark_pair(size: str, tower_kind: str, device, batch_size: int, text_tokens: int, steps: int,
                    checkpointing: bool, seed: int) -> dict:
     from helpers.config import FULL
-    from helpers.modeling import vision_features
-    from helpers.training import project_cached_features
+    from helpers.models.modeling import vision_features
+    from helpers.train.training import project_cached_features
 
     profile = C.profile_for(size)
     vision = FULL.vision if tower_kind == "clip-b32" else None
@@ -60,7 +60,7 @@ def benchmark_pair(size: str, tower_kind: str, device, batch_size: int, text_tok
     optimizer = torch.optim.AdamW(projector.parameters(), lr=1e-4)
     ids, mask, labels, pixels = make_batch(model, profile, batch_size, text_tokens, device)
     tower = model.model.vision_tower
-    with torch.no_grad():  # the cache: computed once, like helpers.vision.cache_features
+    with torch.no_grad():  # the cache: computed once, like helpers.models.vision.cache_features
         features = vision_features(tower, pixels.to(next(tower.parameters()).dtype), profile.vision_feature_layer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=lm_dtype == torch.bfloat16)
 
@@ -116,7 +116,7 @@ def benchmark_pair(size: str, tower_kind: str, device, batch_size: int, text_tok
 
 def planned_peak(profile, device, batch_size, seq_length, checkpointing) -> dict:
     """The planner's estimate for this very step (the benchmark's model has no fp32 copy of anything else)."""
-    from helpers.memory_plan import GPU, plan_memory
+    from helpers.planning.memory_plan import GPU, plan_memory
 
     props = torch.cuda.get_device_properties(device)
     gpu = GPU(props.name, props.total_memory / 2 ** 30, native_bf16=props.major >= 8)

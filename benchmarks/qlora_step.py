@@ -10,8 +10,8 @@ gradient clipping, as Trainer runs it:
 * old : random micro-batches of the profile's batch size (4 in the full profile), gradient checkpointing as the
         profile says (on), the model's own loss over the full logits;
 * new : the same optimizer batch cut into length-balanced micro-batches by transformers' BatchRebalanceSampler, the
-        micro-batch chosen by ``helpers.time_plan.recipe_for_gpu`` for this GPU (the largest the memory planner says
-        fits, checkpointing only when needed), the answer-only chunked loss (``helpers.training.answer_only_loss``).
+        micro-batch chosen by ``helpers.planning.time_plan.recipe_for_gpu`` for this GPU (the largest the memory planner says
+        fits, checkpointing only when needed), the answer-only chunked loss (``helpers.train.training.answer_only_loss``).
 
 It prints seconds per optimizer step, real and padded tokens per second, MFU (6 x LM parameters x real tokens over
 the GPU's bf16 peak), the peak ``torch.cuda.max_memory_allocated`` next to the memory planner's figure for the
@@ -47,10 +47,10 @@ def step_batches(indices, lengths, batch_size, grad_accum, balanced, seed):
 
 def run_way(name, model, examples, steps_indices, way, device, dtype, profile, deadline, n_params, gpu_spec,
             memory_gpu, warmup=True):
-    from helpers.encoding import PadCollator
-    from helpers.memory_plan import plan_memory
-    from helpers.time_plan import DataShape, plan_time
-    from helpers.training import answer_only_loss, project_cached_features
+    from helpers.data.encoding import PadCollator
+    from helpers.planning.memory_plan import plan_memory
+    from helpers.planning.time_plan import DataShape, plan_time
+    from helpers.train.training import answer_only_loss, project_cached_features
 
     C.set_checkpointing(model, way["checkpointing"])
     model.train()
@@ -127,7 +127,7 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
            "precision": str(dtype).replace("torch.", ""), "skipped_steps": int(sum(skipped_steps)),
            "all_losses_finite": all(math.isfinite(x) for x in [warm_loss or 0.0] + [s["loss"] for s in steps])}
     if gpu_spec is not None and gpu_spec == C.gpu_key(device):  # MFU of the GPU that ran it (not of --as-gpu)
-        from helpers.time_plan import GPU_SPECS
+        from helpers.planning.time_plan import GPU_SPECS
 
         out["mfu_pct"] = 100 * 6 * n_params * out["real_tokens_per_s"] / (GPU_SPECS[gpu_spec].bf16_tflops * 1e12)
     # the planners, for the largest micro-batch this run made and for these settings
@@ -161,7 +161,7 @@ def choose_new_way(profile, device, effective, lengths, answer_fraction, gpu_spe
     """The new way's micro-batch and checkpointing: recipe_for_gpu on a GPU in the table, else --new-batch."""
     batch, ckpt, why = args.new_batch, args.new_checkpointing, "from the command line"
     if batch is None and gpu_spec is not None and args.size == "phi2":
-        from helpers.time_plan import DataShape, recipe_for_gpu
+        from helpers.planning.time_plan import DataShape, recipe_for_gpu
 
         data = DataShape(tuple(lengths), answer_fraction, "the benchmark's examples", measured=True)
         recipe = recipe_for_gpu(profile, gpu_spec, data={"instruct": data})
@@ -182,7 +182,7 @@ def main(argv=None):
     parser = C.base_parser(__doc__.split("\n")[0])
     C.add_time_limit(parser, 420)
     parser.add_argument("--lengths", choices=["llava", "full"], default="llava",
-                        help="llava: lengths drawn like LLaVA-Instruct (helpers.time_plan.assumed_data); full: every "
+                        help="llava: lengths drawn like LLaVA-Instruct (helpers.planning.time_plan.assumed_data); full: every "
                              "example at max_length")
     parser.add_argument("--effective-batch", type=int, help="examples per optimizer step (default: the profile's "
                         "batch x accumulation; tiny: 16)")
@@ -193,7 +193,7 @@ def main(argv=None):
                         "GPU, 8 for tiny)")
     parser.add_argument("--new-checkpointing", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ways", default="old,new")
-    parser.add_argument("--as-gpu", help="plan and cap memory as on this GPU of helpers.time_plan.GPU_SPECS (e.g. T4): "
+    parser.add_argument("--as-gpu", help="plan and cap memory as on this GPU of helpers.planning.time_plan.GPU_SPECS (e.g. T4): "
                         "the new way takes that GPU's recipe, and the process may allocate only that GPU's memory "
                         "(torch.cuda.set_per_process_memory_fraction). With MMPHI_PRECISION=fp16 this rehearses a "
                         "T4's fp16 path at real size on a bigger GPU (speed is this GPU's, not the T4's)")
@@ -203,7 +203,7 @@ def main(argv=None):
     deadline, device = C.start(args, parser)
     memory_cap = None
     if args.as_gpu:
-        from helpers.memory_plan import GPUS, gpu_by_name
+        from helpers.planning.memory_plan import GPUS, gpu_by_name
 
         memory_cap = gpu_by_name(GPUS, args.as_gpu, "no memory figure for GPU").memory_gib
         if device.type == "cuda":
@@ -219,7 +219,7 @@ def main(argv=None):
               "effective_batch": effective, "ways": [], "notes": [], "as_gpu": args.as_gpu,
               "memory_cap_gib": memory_cap, "precision": str(dtype).replace("torch.", "")}
     try:
-        from helpers.time_plan import assumed_data, lm_parameters
+        from helpers.planning.time_plan import assumed_data, lm_parameters
 
         data = assumed_data(profile, "instruct")
         g = torch.Generator().manual_seed(args.seed)

@@ -55,7 +55,7 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
 
     from helpers.config import Paths, get_profile
     from helpers.course import run_notebook
-    from helpers.precision import current
+    from helpers.models.precision import current
 
     base = get_profile(profile_name)
     if base.world is None:
@@ -78,7 +78,7 @@ def run_one(seed: int, world_seed: int, output: Path, profile_name: str = "tiny"
     start = time.perf_counter()  # notebook 03 itself, cell by cell, up to its held-out evaluation
     m3 = run_notebook("03_qlora_instruct", stop_after="evaluate", **run)["m"]
     seconds["03_qlora_instruct"] = time.perf_counter() - start
-    from helpers.world import vocabulary
+    from helpers.data.world import vocabulary
 
     vocab = vocabulary(world_seed)
     return {

@@ -6,7 +6,7 @@ Both profiles run the same code. They differ only in sizes, checkpoint names and
   projector) built from configs and trained on a synthetic world written in the real file formats.
 * ``full``  – a GPU (Colab T4 / SageMaker): microsoft/phi-2, openai/clip-vit-base-patch32, COCO 2017 captions,
   LLaVA-Instruct-150K, TinyStories, POPE, MMStar and Whisper; every one of these *sources* is a setting that takes a
-  Hub id (optionally ``@revision``) or a local path (:data:`SOURCES`, resolved by :mod:`helpers.sources`).
+  Hub id (optionally ``@revision``) or a local path (:data:`SOURCES`, resolved by :mod:`helpers.data.sources`).
 
 Pick one with the ``MMPHI_PROFILE`` environment variable or the ``PROFILE`` parameter cell of a notebook;
 without either the profile is ``tiny``, on a GPU too: the full profile's hours start only when asked for. Any field can then be changed
@@ -71,7 +71,7 @@ PINNED_REVISIONS = {"microsoft/phi-2": "ef382358ec9e382308935a992d908de099b64c23
 class WorldSpec:
     """The synthetic world (tiny profile only): which world and its size.
 
-    `world_seed` picks the world's colours, shapes and wording (``helpers.world.vocabulary``; world 0 is the
+    `world_seed` picks the world's colours, shapes and wording (``helpers.data.world.vocabulary``; world 0 is the
     course's default) and seeds its scenes; the model's own seed is ``Profile.seed``."""
 
     world_seed: int = 0
@@ -166,18 +166,18 @@ class Profile:
     pretrain_text_dataset: str | None = None
     pope_dataset: str | None = None
     mmstar_dataset: str | None = None
-    whisper_checkpoint: str | None = None  # None: the profile's default recogniser (helpers.asr)
+    whisper_checkpoint: str | None = None  # None: the profile's default recogniser (helpers.models.asr)
     # how much data (full): images for stage 02, conversations for stage 03, stories for stage 01; None = all
     n_train_samples: int | None = None
     n_pope_questions: int = 0  # POPE questions asked after stage 03, spread over its three categories (0 = none)
     n_mmstar_questions: int = 0  # MMStar questions asked after stage 03 (and blind), spread over its categories
-    n_freeform_questions: int = 0  # held-out free-form questions judged by helpers.evaluation.judge_freeform
+    n_freeform_questions: int = 0  # held-out free-form questions judged by helpers.scoring.evaluation.judge_freeform
     n_audio_questions: int | None = None  # held-out questions asked by voice in notebook 04 (None = all)
     # a later notebook trains a missing earlier stage on the spot only when this is true (tiny: minutes; full:
     # hours, so it must be asked for explicitly)
     train_missing_stages: bool = False
     # on a GPU: stages 02 and 03 get the micro-batch, accumulation, checkpointing and amount of data that the memory
-    # and time plans say fit this many hours on the GPU found, when a notebook asks for it (helpers.time_plan.fit_to_gpu;
+    # and time plans say fit this many hours on the GPU found, when a notebook asks for it (helpers.planning.time_plan.fit_to_gpu;
     # reading a profile never looks at the hardware); None = as written
     gpu_hours_per_stage: float | None = None
     # the settings the user gave (environment, MMPHI_SETTINGS, SETTINGS), by key: fit_to_gpu never changes these

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import default_profile_name
+from helpers.config import default_profile_name
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01_pretrain_phi", "02_projection", "03_qlora_instruct", "04_audio_pipeline", "05_demo"]

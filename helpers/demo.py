@@ -1,7 +1,7 @@
 """Notebook 05 and ``app.py``: talk to the assistant about an image, by text or by voice.
 
 * :class:`DemoBackend` is the UI-free logic: it checks the inputs (clear messages instead of crashes), turns
-  speech into the question (Whisper, :mod:`helpers.asr`), renders the whole conversation with the course's chat
+  speech into the question (Whisper, :mod:`helpers.models.asr`), renders the whole conversation with the course's chat
   template (the history really goes back into the model), and streams a greedy, KV-cached answer that stops at
   EOS (``TextIteratorStreamer`` + ``generate`` in a thread). Every prompt it gives the model is kept in
   ``backend.prompts`` and shown in the UI.
@@ -24,12 +24,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no calls 
 
 from PIL import Image
 
-from . import asr as speech
-from . import fast_generation, reporting
-from .chat_template import prompt_for_next_answer, user_message
-from .config import Paths, get_profile
-from .inference import load_assistant
-from .stages import ensure_assistant
+from helpers.config import Paths, get_profile
+from helpers.data.chat_template import prompt_for_next_answer, user_message
+from helpers.models import asr as speech
+from helpers.models import fast_generation
+from helpers.models.inference import load_assistant
+from helpers.stages import ensure_assistant
+from helpers.views import reporting
 
 NO_IMAGE = "Upload an image first: the assistant answers questions about a picture."
 NO_QUESTION = "Type a question, or record or upload a spoken one."
@@ -95,8 +96,8 @@ class Update:
 class DemoBackend:
     def __init__(self, model, processor, asr=None, asr_loader=None, max_new_tokens: int = 64,
                  fast: bool | None = None):
-        """`asr`: a :class:`helpers.asr.Transcriber`; or `asr_loader`, called on the first voice question and
-        returning ``(transcriber or None, reason)``. `fast`: answer through ``helpers.fast_generation`` (static KV
+        """`asr`: a :class:`helpers.models.asr.Transcriber`; or `asr_loader`, called on the first voice question and
+        returning ``(transcriber or None, reason)``. `fast`: answer through ``helpers.models.fast_generation`` (static KV
         cache + compiled decoding step, compiled once in the background now); default: on a GPU."""
         self.model, self.processor = model.eval(), processor
         self.tokenizer = processor.tokenizer
@@ -146,7 +147,7 @@ class DemoBackend:
     def from_profile(cls, profile, paths, load_speech: bool = True, checkpoint=None):
         """The stage-03 assistant (trained on the spot with a NOTICE when missing; or the saved assistant at
         `checkpoint`, then `paths` is not used) + the profile's Whisper."""
-        # in the course's precision (helpers.precision: bf16 / fp16 with fp32 attention scores / fp32)
+        # in the course's precision (helpers.models.precision: bf16 / fp16 with fp32 attention scores / fp32)
         model, processor = load_assistant(checkpoint or ensure_assistant(profile, paths))
         loader = (lambda: speech.try_load_asr(profile)) if load_speech else (lambda: (None, "voice input is off"))
         return cls(model, processor, asr_loader=loader, max_new_tokens=profile.max_new_tokens)

@@ -10,17 +10,17 @@ import json
 
 import torch
 
-from . import reporting
-from .chat_template import render
-from .config import Paths
-from .course import run_notebook
-from .hub_data import coco_caption_files, coco_image_id, llava_instruct_files, pope_image_ids
-from .multimodal_data import read_coco_captions, read_llava_instruct
-from .pretrain import read_corpus
-from .sources import describe, model_path
-from .time_plan import detect_gpu, plan_time
-from .tokenizer import load_tokenizer, train_bpe_tokenizer
-from .world import build_world
+from helpers.config import Paths
+from helpers.course import run_notebook
+from helpers.data.chat_template import render
+from helpers.data.hub_data import coco_caption_files, coco_image_id, llava_instruct_files, pope_image_ids
+from helpers.data.multimodal_data import read_coco_captions, read_llava_instruct
+from helpers.data.sources import describe, model_path
+from helpers.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from helpers.data.world import build_world
+from helpers.planning.time_plan import detect_gpu, plan_time
+from helpers.train.pretrain import read_corpus
+from helpers.views import reporting
 
 
 def _notice(text: str):
@@ -44,7 +44,7 @@ def stage_time_estimate(profile, stage: str) -> str:
     if gpu is None or stage not in ("projection", "instruct"):
         return "hours on a GPU (its notebook prints the time plan for the GPU it finds)"
     plan = plan_time(profile, stage, gpu)
-    return f"about {plan.hours:.1f} h on this {gpu} at the current settings (helpers.time_plan)"
+    return f"about {plan.hours:.1f} h on this {gpu} at the current settings (helpers.planning.time_plan)"
 
 
 def train_missing(profile, stage: str, problem: str, run) -> None:
@@ -74,7 +74,7 @@ def show_setup(profile, paths: Paths) -> None:
 
 # Every training stage checkpoints into <output>/<profile>/<stage>/trainer/checkpoint-<step> (every 25 % of its steps
 # unless save_steps says otherwise; 0 = never) and by default resumes from the latest valid checkpoint made with the
-# same settings (resume=False: start afresh; a path: that checkpoint). See helpers.checkpointing.
+# same settings (resume=False: start afresh; a path: that checkpoint). See helpers.train.checkpointing.
 
 
 # ------------------------------------------------------------------------------------------------ data

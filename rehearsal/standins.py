@@ -40,9 +40,9 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from helpers import world
-from helpers.asr import sha256_file
-from helpers.downloads import image_readable
+from helpers.data import world
+from helpers.data.downloads import image_readable
+from helpers.models.asr import sha256_file
 
 STANDINS_VERSION = 2  # 2: POPE's images overlap the train2017 stand-in, as in reality
 ROOT = Path(__file__).resolve().parents[1]

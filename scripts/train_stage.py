@@ -94,7 +94,7 @@ def cache_features_on_main_process_first() -> None:
     import torch
     from accelerate import PartialState
 
-    import helpers.projection as projection
+    import helpers.train.projection as projection
 
     state = PartialState(cpu=not torch.cuda.is_available())  # on CPUs (gloo) accelerate must be told
     compute = projection.feature_table
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     pin_local_gpu()
     from helpers.config import Paths, get_profile
     from helpers.course import run_notebook
-    from helpers.time_plan import fit_to_gpu
+    from helpers.planning.time_plan import fit_to_gpu
 
     # as the notebooks do: the recipe for the GPU found first (full profile), then this command's flags win
     profile = with_overrides(fit_to_gpu(get_profile(args.profile)), args.stage, args.batch_size, args.grad_accum, args.max_steps,
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     done = run_notebook(STAGES[args.stage], stop_after="evaluate" if rank == 0 else "train", PROFILE=profile,
                         OUTPUT_DIR=paths.root.parent, RESUME=resume, SAVE_STEPS=args.save_steps)
-    metrics = done.get("m", {"steps": done["trainer"].state.global_step})
+    metrics = done["m"] if "m" in done else {"steps": done["trainer"].state.global_step}
     seconds = time.perf_counter() - start
     if int(os.environ.get("RANK", "0")) == 0:
         spec = getattr(profile, SPEC_FIELD[args.stage])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers.config import TINY, WorldSpec
-from helpers.tokenizer import train_bpe_tokenizer
-from helpers.world import build_world
+from helpers.data.tokenizer import train_bpe_tokenizer
+from helpers.data.world import build_world
 
 SMALL_WORLD = WorldSpec(world_seed=7, n_train_images=48, n_heldout_images=12, n_corpus_scenes=400)
 
@@ -33,7 +33,7 @@ def llava(tok, profile):
     """A random tiny LLaVA (Phi + CLIP ViT) with a non-trivial LM-head bias, as stage 02 would assemble it."""
     from transformers import CLIPVisionModel
 
-    from helpers.modeling import assemble_llava, clip_vision_config, new_phi_lm
+    from helpers.models.modeling import assemble_llava, clip_vision_config, new_phi_lm
 
     lm = new_phi_lm(profile.phi, tok, seed=1)
     with torch.no_grad():
@@ -46,7 +46,7 @@ def llava(tok, profile):
 
 @pytest.fixture(scope="session")
 def processor(tok, profile):
-    from helpers.modeling import make_processor
+    from helpers.models.modeling import make_processor
 
     return make_processor(tok, profile.vision)
 
@@ -78,8 +78,8 @@ def train_qlora(model, dataset, tok, profile, paths, callbacks=None, resume=None
     """Stage 03's trainer as notebook 03's "trainer" cell builds it, without its validation and sample callbacks,
     with switches for the comparisons of the trainer's own mechanics (the plain way: random micro-batches and the
     model's own loss over full logits)."""
-    from helpers.encoding import PadCollator
-    from helpers.training import CachedFeatureTrainer, train, training_arguments
+    from helpers.data.encoding import PadCollator
+    from helpers.train.training import CachedFeatureTrainer, train, training_arguments
 
     args = training_arguments(profile.instruct, paths.stage_dir("03_qlora_instruct") / "trainer", profile.seed,
                               n_examples=len(dataset), save_steps=save_steps, length_balanced=length_balanced,

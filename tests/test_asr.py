@@ -9,10 +9,10 @@ import wave
 import numpy as np
 import pytest
 
-from helpers import asr as speech
-from helpers import audio_eval
-from helpers.chat_template import prompt_for_next_answer
+from helpers.data.chat_template import prompt_for_next_answer
+from helpers.models import asr as speech
 from helpers.requirements_check import skip_or_fail
+from helpers.scoring import audio_eval
 
 
 def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
@@ -137,7 +137,7 @@ def test_bad_audio_gets_clear_errors(tmp_path):
 def test_spoken_question_is_the_user_turn_of_the_same_template(llava, processor, tmp_path):
     from PIL import Image
 
-    from helpers.inference import Assistant
+    from helpers.models.inference import Assistant
 
     wav = speech.write_wav(tmp_path / "q.wav", tone(220, 1.0, 16_000))
     chat = Assistant(llava, processor, max_new_tokens=4)
@@ -155,7 +155,7 @@ def test_spoken_question_is_the_user_turn_of_the_same_template(llava, processor,
 
 
 def test_spoken_records_replace_only_the_questions(world):
-    from helpers.multimodal_data import read_llava_instruct
+    from helpers.data.multimodal_data import read_llava_instruct
 
     records, _ = read_llava_instruct(world.instruct("val"), world.images("val"))
     records = records[:4]
@@ -176,6 +176,7 @@ def test_spoken_records_replace_only_the_questions(world):
 
 def test_spoken_evaluation_equals_typed_with_a_perfect_ear(profile, llava, processor, tmp_path, monkeypatch):
     """The spoken pipeline changes nothing but the question text: a perfect recogniser gives identical rows."""
+    from helpers import stages
     from helpers.config import Paths
 
     def fake_tts(text, path, **kwargs):
@@ -190,8 +191,9 @@ def test_spoken_evaluation_equals_typed_with_a_perfect_ear(profile, llava, proce
 
     monkeypatch.setattr(speech, "synthesize", fake_tts)
     paths = Paths(profile, tmp_path)
-    result = audio_eval.audio_stage(profile.replace(max_new_tokens=4), paths, max_questions=9, asr=PerfectEar(),
-                                    model=llava, processor=processor, progress=False)
+    val_records = stages.instruct_records(profile, paths, "val")[0]
+    result = audio_eval.typed_vs_spoken(profile.replace(max_new_tokens=4), paths, val_records, llava, processor,
+                                    asr=PerfectEar(), max_questions=9, progress=False)
     m = result.metrics
     assert m["n_questions"] == 9 and m["wer"] == 0.0
     assert m["spoken_accuracy"] == m["typed_accuracy"]

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from helpers.multimodal_data import ConversationDataset, read_coco_captions, read_llava_instruct
+from helpers.data.multimodal_data import ConversationDataset, read_coco_captions, read_llava_instruct
 
 
 @pytest.fixture()
@@ -61,8 +61,8 @@ def test_coco_loader_counts_unreadable_images_and_empty_captions(world, damaged_
 
 def test_truncated_image_found_when_features_are_cached_and_skipped(world, damaged_val, llava, tok, profile,
                                                                    tmp_path, capsys):
-    from helpers.modeling import image_processor
-    from helpers.projection import feature_table, make_dataset
+    from helpers.models.modeling import image_processor
+    from helpers.train.projection import feature_table, make_dataset
 
     images, (_, _, truncated) = damaged_val
     records, report = read_llava_instruct(world.instruct("val"), images)

@@ -18,8 +18,8 @@ STEPS = 6
 
 
 def test_instruct_stage_under_accelerate_launch_with_two_cpu_processes(world, saved_llava, tmp_path):
-    from helpers.checkpointing import checkpoints, latest_valid_checkpoint
     from helpers.config import TINY, Paths
+    from helpers.train.checkpointing import checkpoints, latest_valid_checkpoint
 
     paths = Paths(TINY, tmp_path)
     # the earlier stages' outputs, as a single-process run would leave them: a stage-02 LLaVA checkpoint with its

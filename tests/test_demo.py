@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from helpers import asr as speech
 from helpers.demo import NO_IMAGE, NO_QUESTION, DemoBackend, build_app, widget_demo
+from helpers.models import asr as speech
 
 
 class FixedEar(speech.Transcriber):

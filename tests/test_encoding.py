@@ -1,8 +1,8 @@
 """Label masking, pad vs EOS, and the identity of training text and inference prompts."""
 
-from helpers.chat_template import from_llava, prompt_for_next_answer, render, user_message
-from helpers.encoding import IGNORE_INDEX, PadCollator, encode_conversation, encode_prompt
-from helpers.tokenizer import image_token_id
+from helpers.data.chat_template import from_llava, prompt_for_next_answer, render, user_message
+from helpers.data.encoding import IGNORE_INDEX, PadCollator, encode_conversation, encode_prompt
+from helpers.data.tokenizer import image_token_id
 
 MESSAGES = [
     user_message("What colour is the square?", with_image=True), {"role": "assistant", "content": "red"},

@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.fast_generation import FastGreedy, cache_length_bucket, generate_greedy, supports
+from helpers.models.fast_generation import FastGreedy, cache_length_bucket, generate_greedy, supports
 
 
 @pytest.fixture(scope="module")
 def batch(llava, processor, world):
-    from helpers.chat_template import prompt_for_next_answer
-    from helpers.inference import left_padding
+    from helpers.data.chat_template import prompt_for_next_answer
+    from helpers.models.inference import left_padding
 
     tok = processor.tokenizer
     questions = ["What colour is the shape?", "How many shapes are there in the picture, counted one by one?",

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from helpers.config import Paths, StageSpec
-from helpers.encoding import PadCollator
+from helpers.data.encoding import PadCollator
 
 
 @pytest.fixture(scope="module")
 def instruct_examples(world, tok, profile, llava, tmp_path_factory):
-    from helpers.modeling import image_processor
-    from helpers.multimodal_data import read_llava_instruct
-    from helpers.projection import feature_table, make_dataset
+    from helpers.data.multimodal_data import read_llava_instruct
+    from helpers.models.modeling import image_processor
+    from helpers.train.projection import feature_table, make_dataset
 
     records, _ = read_llava_instruct(world.instruct("train"), world.images("train"))
     feats, index = feature_table(llava.model.vision_tower, image_processor(profile.vision), records,
@@ -28,7 +28,7 @@ def _batch(dataset, tok, ids):
 
 
 def test_answer_only_loss_equals_the_models_loss_and_gradient(llava, tok, instruct_examples):
-    from helpers.training import answer_only_loss, project_cached_features
+    from helpers.train.training import answer_only_loss, project_cached_features
 
     model = llava.train()
     model.requires_grad_(False).model.multi_modal_projector.requires_grad_(True)
@@ -57,7 +57,7 @@ def test_answer_only_loss_equals_the_models_loss_and_gradient(llava, tok, instru
 
 
 def test_chunked_cross_entropy_matches_one_piece():
-    from helpers.training import chunked_cross_entropy_sum
+    from helpers.train.training import chunked_cross_entropy_sum
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -74,9 +74,8 @@ def test_chunked_cross_entropy_matches_one_piece():
 def test_balanced_micro_batches_give_the_same_optimizer_step(saved_llava, tok, profile, instruct_examples, tmp_path):
     """One optimizer step over the same 8 conversations, cut into 4 micro-batches at random with the model's own
     loss (the old way) or by length with the answer-only loss (the new way): same logged loss, same new weights."""
-    from torch.utils.data import Subset
-
     from conftest import qlora_model, train_qlora
+    from torch.utils.data import Subset
 
     torch.set_num_threads(1)
     data = Subset(instruct_examples, list(range(8)))
@@ -131,10 +130,9 @@ def test_balanced_sampler_cuts_each_random_optimizer_batch_by_length():
 def test_balanced_batches_resume_where_they_stopped(saved_llava, tok, profile, instruct_examples, tmp_path):
     """A run stopped after step 4 (a disconnected session) and resumed from its checkpoint continues with the same
     length-balanced micro-batches: the same losses as a run that never stopped."""
+    from conftest import qlora_model, train_qlora
     from torch.utils.data import Subset
     from transformers import TrainerCallback
-
-    from conftest import qlora_model, train_qlora
 
     torch.set_num_threads(1)
     data = Subset(instruct_examples, list(range(24)))
@@ -165,7 +163,7 @@ def test_balanced_batches_resume_where_they_stopped(saved_llava, tok, profile, i
 def test_flop_count_is_trainers_own_with_the_parameter_count_taken_once(tmp_path, monkeypatch):
     from transformers import PhiConfig, PhiForCausalLM, Trainer, TrainingArguments
 
-    from helpers.training import CourseTrainer
+    from helpers.train.training import CourseTrainer
 
     model = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=32))

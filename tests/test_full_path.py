@@ -2,17 +2,21 @@
 gradient checkpointing's reentrancy, evaluation batch size, and the full-scale scores (POPE, free-form rule)."""
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.config import FULL
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_bf16_is_not_chosen_on_a_t4_that_only_emulates_it(monkeypatch):
     """A T4 reports bf16 support through emulation: the policy must see it as a GPU without native bf16 (fp16)."""
-    from helpers import precision
+    from helpers.models import precision
 
     monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
 
@@ -39,14 +43,13 @@ def test_the_merged_export_reloaded_from_disk_equals_the_trained_model(saved_lla
     Catches: an export saved before the LoRA merge or before the trained projector is copied in (the folder holds
     the stage-02 model), a merge that drops the LoRA scaling or the projector's trained copy, and a test or stage
     that scores the in-memory model instead of what was written."""
+    from conftest import qlora_model
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-    from conftest import qlora_model
-
-    from helpers import instruct
-    from helpers.chat_template import prompt_for_next_answer
-    from helpers.multimodal_data import read_llava_instruct
+    from helpers.data.chat_template import prompt_for_next_answer
+    from helpers.data.multimodal_data import read_llava_instruct
+    from helpers.train import instruct
 
     model = qlora_model(saved_llava, profile)
     with torch.no_grad():  # stands for training: adapters and the projector's trainable copy away from their start
@@ -81,7 +84,7 @@ def test_the_merged_export_reloaded_from_disk_equals_the_trained_model(saved_lla
     with pytest.raises(instruct.ExportMismatch, match="does not answer like the trained model"):
         instruct.check_export(untrained, reloaded, reloaded_processor, image, prompt)
 
-    from helpers import precision
+    from helpers.models import precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -93,7 +96,9 @@ def test_the_merged_export_reloaded_from_disk_equals_the_trained_model(saved_lla
 def test_the_assistant_is_reloaded_with_dtype_and_device_map_everywhere(monkeypatch, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from helpers import audio_eval, demo, inference
+    from helpers import demo
+    from helpers.models import inference
+    from helpers.scoring import audio_eval
 
     seen = {}
 
@@ -108,9 +113,11 @@ def test_the_assistant_is_reloaded_with_dtype_and_device_map_everywhere(monkeypa
     assert seen["dtype"] == torch.float32 and seen["device_map"] == {"": "cpu"} and seen["attn_implementation"] == "sdpa"
     import inspect
 
-    for module in (audio_eval, demo):  # the notebooks' loaders go through load_assistant, none loads bare
-        source = inspect.getsource(module)
-        assert "load_assistant(" in source and "AutoModelForImageTextToText.from_pretrained" not in source
+    loaders = [inspect.getsource(demo), *(c["source"] for c in json.loads(
+        (ROOT / "04_audio_pipeline.ipynb").read_text())["cells"] if c["cell_type"] == "code")]
+    assert all("AutoModelForImageTextToText.from_pretrained" not in "".join(s) for s in loaders)  # none loads bare
+    assert "load_assistant(" in loaders[0] and any("load_assistant(" in "".join(s) for s in loaders[1:])
+    assert "from_pretrained" not in inspect.getsource(audio_eval)  # notebook 04 hands it the loaded assistant
 
 
 def test_a_missing_earlier_stage_stops_with_its_cost_instead_of_training_for_hours(tmp_path, monkeypatch):
@@ -131,9 +138,10 @@ def test_a_missing_earlier_stage_stops_with_its_cost_instead_of_training_for_hou
 
 
 def test_gradient_checkpointing_passes_use_reentrant_explicitly(saved_llava, profile):
-    from helpers.encoding import PadCollator, encode_conversation
-    from helpers.chat_template import user_message
     from conftest import qlora_model
+
+    from helpers.data.chat_template import user_message
+    from helpers.data.encoding import PadCollator, encode_conversation
 
     model = qlora_model(saved_llava, profile.replace(gradient_checkpointing=True))
     model.train()
@@ -153,7 +161,7 @@ def test_gradient_checkpointing_passes_use_reentrant_explicitly(saved_llava, pro
 def test_evaluation_batch_fits_the_free_memory_of_a_t4_after_training():
     from types import SimpleNamespace
 
-    from helpers.inference import generation_batch_size
+    from helpers.models.inference import generation_batch_size
 
     phi2 = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=32, hidden_size=2560, intermediate_size=10240,
                                                   vocab_size=51200), parameters=lambda: iter([torch.zeros(1)]))
@@ -163,7 +171,7 @@ def test_evaluation_batch_fits_the_free_memory_of_a_t4_after_training():
 
 
 def test_pope_scores_follow_the_paper():
-    from helpers.evaluation import pope_answer, pope_metrics
+    from helpers.scoring.evaluation import pope_answer, pope_metrics
 
     assert pope_answer("Yes, there is a dog.") == "yes"
     assert pope_answer("There is no dog in the image.") == "no"
@@ -179,7 +187,7 @@ def test_pope_scores_follow_the_paper():
 
 
 def test_free_form_answers_are_judged_by_content_words():
-    from helpers.evaluation import judge_freeform
+    from helpers.scoring.evaluation import judge_freeform
 
     reference = "The bus in the image is white and red."
     assert judge_freeform("It is a red and white bus.", reference)["correct"]
@@ -192,11 +200,11 @@ def test_evaluating_during_training_does_not_break_4bit_training_on_a_cpu(saved_
     """bitsandbytes repacks 4-bit weights for inference on CPUs with AVX512-BF16 at the first no-grad eval forward;
     training after that fails. Stage 03 evaluates at every checkpoint, so the trainable layout is kept."""
     import bitsandbytes as bnb
-
-    from helpers.chat_template import user_message
-    from helpers.encoding import PadCollator, encode_conversation
     from conftest import qlora_model
     from transformers import AutoTokenizer
+
+    from helpers.data.chat_template import user_message
+    from helpers.data.encoding import PadCollator, encode_conversation
 
     model = qlora_model(saved_llava, profile)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -9,8 +9,8 @@ import torch
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration, PhiForCausalLM
 
 from helpers.config import FULL
-from helpers.memory_plan import StandInTokenizer
-from helpers.modeling import clip_vision_config, llava_config, phi_config
+from helpers.models.modeling import clip_vision_config, llava_config, phi_config
+from helpers.planning.memory_plan import StandInTokenizer
 
 PHI2_PARAMETERS = 2_779_683_840  # microsoft/phi-2 (PhiForCausalLM, LM head with bias)
 CLIP_B32_VISION_PARAMETERS = 87_456_000  # openai/clip-vit-base-patch32 vision half (CLIPVisionModel)
@@ -122,10 +122,11 @@ def test_full_llava_every_shape_on_meta(configs, monkeypatch):
 def test_every_phi_of_both_profiles_runs_a_forward(spec_name):
     """Every Phi a profile builds runs (partial rotary needs an even number of rotated dimensions per head: the full
     profile's stage-01 model once had 64-dim heads, 25 rotated dimensions, and crashed at its first forward)."""
-    from helpers.config import FULL, TINY
-    from helpers.memory_plan import StandInTokenizer
-    from helpers.modeling import phi_config
     from transformers import PhiForCausalLM
+
+    from helpers.config import FULL, TINY
+    from helpers.models.modeling import phi_config
+    from helpers.planning.memory_plan import StandInTokenizer
 
     for profile in (TINY, FULL):
         spec = getattr(profile, spec_name)

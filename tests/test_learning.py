@@ -9,7 +9,7 @@ from helpers.config import Paths, StageSpec
 def test_pretraining_lowers_heldout_loss(tok, world, profile, tmp_path):
     """Notebook 01's own cells: blocks, PhiConfig model, trainer, training."""
     from helpers.course import run_cells
-    from helpers.pretrain import mean_loss, read_corpus
+    from helpers.train.pretrain import mean_loss, read_corpus
 
     quick = dataclasses.replace(profile, pretrain=StageSpec(learning_rate=3e-3, batch_size=16, max_steps=40,
                                                              logging_steps=10))
@@ -26,9 +26,9 @@ def test_projector_only_training_changes_only_the_projector_and_lowers_loss(save
     from transformers import LlavaForConditionalGeneration
 
     from helpers.course import run_cells
-    from helpers.modeling import image_processor
-    from helpers.multimodal_data import read_coco_captions
-    from helpers.projection import mean_conversation_loss
+    from helpers.data.multimodal_data import read_coco_captions
+    from helpers.models.modeling import image_processor
+    from helpers.train.projection import mean_conversation_loss
 
     model = LlavaForConditionalGeneration.from_pretrained(saved_llava)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -59,7 +59,7 @@ def test_blind_first_answers_fall_to_chance(trained):
 
 def test_chance_per_type_follows_from_the_worlds_vocabulary():
     """Catches a chance level computed from the wrong vocabulary or wording (e.g. 1 in 3 colours)."""
-    from helpers.world import blind_chance_by_type, vocabulary
+    from helpers.data.world import blind_chance_by_type, vocabulary
 
     for world_seed in (0, 1):
         vocab = vocabulary(world_seed)

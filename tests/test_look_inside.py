@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from PIL import Image
 
-from helpers import look_inside
-from helpers.chat_template import user_message
+from helpers.data.chat_template import user_message
 from helpers.requirements_check import import_or_skip_or_fail
+from helpers.views import look_inside
 
 
 def test_token_table_lists_the_tokenizers_own_ids(tok):
@@ -26,7 +26,7 @@ def test_label_mask_marks_exactly_the_answers(tok, profile):
     answers = len(tok(" red<|endoftext|>", add_special_tokens=False)["input_ids"]) + \
         len(tok(" circle<|endoftext|>", add_special_tokens=False)["input_ids"])
     assert out["targets"] == answers
-    from helpers.encoding import encode_conversation
+    from helpers.data.encoding import encode_conversation
 
     enc = encode_conversation(tok, messages, profile.image_seq_length)
     page = look_inside.label_mask_html(tok, enc["input_ids"], enc["labels"], 1)

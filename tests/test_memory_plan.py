@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from helpers.config import FULL, TINY
-from helpers.memory_plan import (GiB, StandInTokenizer, component_parameters, format_plan, measure_activations,
-                                 nf4_bytes, plan_memory, stage_model)
+from helpers.planning.memory_plan import (
+    GiB,
+    StandInTokenizer,
+    component_parameters,
+    format_plan,
+    measure_activations,
+    nf4_bytes,
+    plan_memory,
+    stage_model,
+)
 
 GPU = "A100-40GB"
 
@@ -28,7 +36,7 @@ def real_tiny(tok):
     """A real, randomly initialised tiny LLaVA assembled as stage 02 does it."""
     from transformers import CLIPVisionModel
 
-    from helpers.modeling import assemble_llava, clip_vision_config, new_phi_lm
+    from helpers.models.modeling import assemble_llava, clip_vision_config, new_phi_lm
 
     lm = new_phi_lm(TINY.phi, tok, seed=1)
     torch.manual_seed(2)
@@ -63,7 +71,6 @@ def test_tiny_parameter_counts_equal_the_real_model(real_tiny, tiny_plans):
 
 def test_tiny_nf4_bytes_and_lora_equal_bitsandbytes_and_peft(real_tiny, tiny_plans, tmp_path):
     import bitsandbytes as bnb
-
     from conftest import four_bit_model
 
     from helpers.course import run_cells
@@ -154,7 +161,7 @@ def test_4bit_weights_are_smaller_than_bf16(full_plans):
 
 
 def test_a_t4_is_planned_in_fp16_what_the_course_runs_there(full_plans):
-    """A T4 has no native bf16, so the course trains in fp16 there (helpers.precision: fp16 autocast, frozen weights
+    """A T4 has no native bf16, so the course trains in fp16 there (helpers.models.precision: fp16 autocast, frozen weights
     in fp16, Phi's attention in fp32): both stages' defaults fit, stage 02's worst case (16 rows of 512 tokens)
     included, because the frozen Phi-2 takes 2 bytes per weight. In fp32, as the course trained on a T4 before, that
     worst case did not fit (Phi-2 alone is 11 GB): still so when asked for explicitly.
@@ -180,12 +187,12 @@ def test_a_t4_is_planned_in_fp16_what_the_course_runs_there(full_plans):
 
 @pytest.mark.parametrize("gpu", ["T4", "V100-16GB"])
 def test_gpus_without_native_bf16_are_planned_in_fp16_and_the_others_stay_selectable(gpu):
-    """The "auto" plan of a GPU without native bf16 is fp16, as helpers.precision.choose decides for the course;
+    """The "auto" plan of a GPU without native bf16 is fp16, as helpers.models.precision.choose decides for the course;
     bf16 and fp32 can still be asked for, anything else is refused.
-    Bug caught: the planner's own rule drifting from helpers.precision (the old ``bf16 if native else fp32``, or a
+    Bug caught: the planner's own rule drifting from helpers.models.precision (the old ``bf16 if native else fp32``, or a
     V100 entry marked as having native bf16), or the explicit precisions no longer honoured."""
-    from helpers import memory_plan as mp
-    from helpers.precision import choose
+    from helpers.models.precision import choose
+    from helpers.planning import memory_plan as mp
 
     assert not mp.GPUS[gpu].native_bf16
     assert mp.precision_for(gpu) == choose(cuda=True, bf16=False) == "fp16"

@@ -10,12 +10,19 @@ import copy
 import pytest
 import torch
 
-from rehearsal import standins
 from helpers.config import FULL, Paths
-from helpers.evaluation import (MMSTAR_LETTERS, evaluate_mmstar, letter_logprobs, letter_token_ids, mmstar_letter,
-                                mmstar_options, show_scores)
-from helpers.hub_data import mmstar_questions
-from helpers.sources import SourceError
+from helpers.data.hub_data import mmstar_questions
+from helpers.data.sources import SourceError
+from helpers.scoring.evaluation import (
+    MMSTAR_LETTERS,
+    evaluate_mmstar,
+    letter_logprobs,
+    letter_token_ids,
+    mmstar_letter,
+    mmstar_options,
+    show_scores,
+)
+from rehearsal import standins
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +124,8 @@ def test_letter_scores_do_not_depend_on_the_batch(llava, processor, questions):
     reading a padded position's logits (the first column under left padding, or the last under right padding)."""
     from PIL import Image
 
-    from helpers.chat_template import prompt_for_next_answer
-    from helpers.evaluation import MMSTAR_SUFFIX
+    from helpers.data.chat_template import prompt_for_next_answer
+    from helpers.scoring.evaluation import MMSTAR_SUFFIX
 
     picked = [questions[0], questions[3], questions[10]]
     prompts = [prompt_for_next_answer([], q["question"] + MMSTAR_SUFFIX, processor.tokenizer.eos_token)

@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.chat_template import user_message
-from helpers.encoding import PadCollator, encode_conversation
-from helpers.modeling import fold_lm_head_bias, new_phi_lm, vision_features
-from helpers.training import project_cached_features
+from helpers.data.chat_template import user_message
+from helpers.data.encoding import PadCollator, encode_conversation
+from helpers.models.modeling import fold_lm_head_bias, new_phi_lm, vision_features
+from helpers.train.training import project_cached_features
 
 MESSAGES = [user_message("What colour is the square?", with_image=True), {"role": "assistant", "content": "red"}]
 
@@ -59,7 +59,7 @@ def test_assembled_head_is_as_accurate_as_phi_in_bf16(tok, profile, k):
 
     from transformers import CLIPVisionModel
 
-    from helpers.modeling import assemble_llava, clip_vision_config
+    from helpers.models.modeling import assemble_llava, clip_vision_config
 
     lm = _phi2_like_lm(k)
     ids = torch.randint(2, 4000, (2, 16))
@@ -77,9 +77,9 @@ def test_assembled_head_is_as_accurate_as_phi_in_bf16(tok, profile, k):
 
 
 def test_assembled_llava_text_path_equals_the_phi_lm(tok, profile):
-    from helpers.modeling import assemble_llava
     from transformers import CLIPVisionModel
-    from helpers.modeling import clip_vision_config
+
+    from helpers.models.modeling import assemble_llava, clip_vision_config
 
     lm = new_phi_lm(profile.phi, tok, seed=6)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_cached_features_give_the_same_loss_as_running_the_vision_tower(llava, t
 
 
 def test_feature_cache_round_trips_through_safetensors(llava, processor, world, tmp_path, profile):
-    from helpers.vision import cache_features
+    from helpers.models.vision import cache_features
 
     paths = sorted(str(p) for p in world.images("val").iterdir())[:5]
     first = cache_features(llava.model.vision_tower, processor.image_processor, paths, -2, tmp_path / "f",
@@ -131,9 +131,9 @@ def test_checkpoint_reloads_with_stock_transformers_and_same_logits(llava, saved
 
 def test_4bit_load_quantizes_only_the_language_model(saved_llava):
     import bitsandbytes as bnb
-
     from conftest import four_bit_model
-    from helpers.instruct import quantized_module_names
+
+    from helpers.train.instruct import quantized_module_names
 
     model = four_bit_model(saved_llava)
     names = quantized_module_names(model)
@@ -158,7 +158,7 @@ def test_lora_targets_the_llm_and_trains_the_projector_in_full_precision(saved_l
 
 
 def test_generation_stops_at_eos(llava, tok, processor):
-    from helpers.inference import generate_answers
+    from helpers.models.inference import generate_answers
 
     with torch.no_grad():
         llava.lm_head.weight[tok.eos_token_id] += 1000.0  # make EOS certain
@@ -173,8 +173,8 @@ def test_generation_stops_at_eos(llava, tok, processor):
 def test_the_planner_models_notebook_03s_own_4bit_and_lora_layout(saved_llava, profile):
     """The planner keeps a copy of notebook 03's quantization skip list and LoRA settings (it must work where only
     the package is installed): run the notebook's cells and compare, so the two cannot drift apart."""
-    from helpers import memory_plan
     from helpers.course import run_cells
+    from helpers.planning import memory_plan
 
     cells = run_cells("03_qlora_instruct", ["load-4bit", "lora"], checkpoint=saved_llava, profile=profile)
     assert cells["quantization"].llm_int8_skip_modules == memory_plan.SKIP_QUANTIZATION

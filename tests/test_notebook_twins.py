@@ -103,7 +103,7 @@ def test_no_second_copy_of_stage_03_outside_its_notebook():
     """Nothing but the notebook builds stage 03's 4-bit model, adapters or trainer. The memory planner models the
     layout on the meta device (checked against the notebook's cells in test_memory_plan); the tests' own trainer
     (conftest.train_qlora) exercises the trainer's mechanics with switches the notebook does not have."""
-    allowed = {ROOT / "helpers" / "memory_plan.py", ROOT / "tests" / "conftest.py"}
+    allowed = {ROOT / "helpers" / "planning" / "memory_plan.py", ROOT / "tests" / "conftest.py"}
     offenders = []
     for folder in ("helpers", "scripts", "benchmarks", "tests", "rehearsal"):
         for path in (ROOT / folder).rglob("*.py"):
@@ -133,12 +133,12 @@ def test_script_benchmark_and_missing_stages_run_the_notebooks_themselves():
 
 
 def test_notebook_01s_phi_config_is_the_one_the_planners_and_tests_build(tok, profile):
-    """The memory and time planners and the tests build Phi LMs with ``helpers.modeling.phi_config``; notebook 01
+    """The memory and time planners and the tests build Phi LMs with ``helpers.models.modeling.phi_config``; notebook 01
     writes its ``PhiConfig(...)`` out for the learner. Catches the two drifting apart (a size or token id the
     planners would not model)."""
     from helpers.course import run_cells
-    from helpers.modeling import phi_config
-    from helpers.pretrain import pack_documents
+    from helpers.models.modeling import phi_config
+    from helpers.train.pretrain import pack_documents
 
     cells = run_cells("01_pretrain_phi", ["model"], profile=profile, tok=tok,
                       heldout=pack_documents(tok, ["a red circle at top left."] * 4, 16))

@@ -12,9 +12,10 @@ import dataclasses
 
 import pytest
 
-from helpers import hub_data, stages
-from rehearsal import standins as S
+from helpers import stages
 from helpers.config import FULL, Paths, with_settings
+from helpers.data import hub_data
+from rehearsal import standins as S
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_no_evaluated_pope_image_is_in_a_training_split(standins, tmp_path):
     assert standins["counts"]["pope"]["in_train2017"] == 9
     annotation_file, image_dir = hub_data.coco_caption_files(profile, paths, "train")
     json_file, llava_dir = hub_data.llava_instruct_files(profile, paths, "train")
-    from helpers.multimodal_data import read_coco_captions, read_llava_instruct
+    from helpers.data.multimodal_data import read_coco_captions, read_llava_instruct
 
     prepared_captions = read_coco_captions(annotation_file, image_dir)[0]
     prepared_conversations = read_llava_instruct(json_file, llava_dir)[0]
@@ -103,7 +104,8 @@ def test_blind_pope_asks_with_blank_images(llava, processor, pope_questions_on_w
     """Catches a blind baseline that is not blind: the flag ignored (the real images asked twice, so blind equals
     real and the gap reads 0) or the image dropped from the prompt (a different question); blind asks the same
     prompts with one-colour images of the same size."""
-    from helpers import evaluation, inference
+    from helpers.models import inference
+    from helpers.scoring import evaluation
 
     seen = []
     real_generate = inference.generate_answers
@@ -133,8 +135,8 @@ def test_blind_pope_asks_with_blank_images(llava, processor, pope_questions_on_w
 def test_scores_show_pope_beside_its_blind_baseline(capsys, monkeypatch):
     """Catches notebook 03 printing POPE without its blind score or without the sentence that says how to read
     the gap."""
-    from helpers import reporting
-    from helpers.evaluation import pope_scores, show_scores
+    from helpers.scoring.evaluation import pope_scores, show_scores
+    from helpers.views import reporting
 
     tables = []
     monkeypatch.setattr(reporting, "show_table", lambda rows, columns=None: tables.append((rows, columns)))

@@ -1,4 +1,4 @@
-"""The precision policy (helpers.precision): fp16 where a GPU has no native bf16 (a T4), with Phi's attention scores
+"""The precision policy (helpers.models.precision): fp16 where a GPU has no native bf16 (a T4), with Phi's attention scores
 in fp32, so nothing overflows; and training that stops instead of running on when every step is non-finite.
 
 The overflow is reproduced on a CPU with a small Phi whose query and key projections are scaled up until q and k
@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import PhiConfig, PhiForCausalLM
 
-from helpers import precision, training
 from helpers.config import StageSpec
+from helpers.models import precision
+from helpers.train import training
 
 # the course's fp16 logits against fp32 ones: mean |difference| as a fraction of the mean |logit| (measured on this
 # model: 1.3 % under fp16 autocast, 0.08 % with fp16 weights). Not the largest difference: with q.k of several
@@ -164,8 +165,8 @@ def test_a_trainer_whose_gradients_are_never_finite_stops(tok, tmp_path):
     or has every step skipped by the gradient scaler (fp16 on a GPU), and stops after MAX_SKIPPED_STEPS instead of
     running its 40 steps."""
     from helpers.config import TINY
-    from helpers.modeling import new_phi_lm
-    from helpers.pretrain import PackedBlocks, pack_documents
+    from helpers.models.modeling import new_phi_lm
+    from helpers.train.pretrain import PackedBlocks, pack_documents
 
     model = new_phi_lm(TINY.pretrain_phi, tok, seed=0)
     with torch.no_grad():

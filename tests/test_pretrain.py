@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers.pretrain import PackedBlocks, pack_documents, split_blocks
+from helpers.train.pretrain import PackedBlocks, pack_documents, split_blocks
 
 
 def test_documents_are_packed_whole_and_padding_is_masked(tok):
@@ -24,8 +24,8 @@ def test_documents_are_packed_whole_and_padding_is_masked(tok):
 
 
 def test_dropping_all_padding_columns_changes_no_loss(tok, profile):
-    from helpers.modeling import new_phi_lm
-    from helpers.pretrain import mean_loss
+    from helpers.models.modeling import new_phi_lm
+    from helpers.train.pretrain import mean_loss
 
     docs = ["USER: Where is it? ASSISTANT: top left<|endoftext|>", "USER: How many objects are there? ASSISTANT: two"]
     trimmed = pack_documents(tok, docs, 64)
@@ -52,7 +52,7 @@ def test_split_is_disjoint_and_complete(tok):
 
 
 def test_text_probes_describe_a_scene_then_ask_one_question_per_type():
-    from helpers.world import CAPTION_REQUEST, QUESTION_TYPES, described_questions
+    from helpers.data.world import CAPTION_REQUEST, QUESTION_TYPES, described_questions
 
     probes = described_questions(30, seed=4)
     assert probes == described_questions(30, seed=4)  # deterministic
@@ -73,7 +73,7 @@ class AnswerKnower:
     left-padded rows and decodes them the way the chat template wrote them."""
 
     def __init__(self, tok, probes, wrong_type=None):
-        from helpers.chat_template import render
+        from helpers.data.chat_template import render
 
         self.tok, self.device = tok, torch.device("cpu")
         self.answers = {render(p["messages"], tok.eos_token, add_generation_prompt=True):
@@ -93,8 +93,8 @@ class AnswerKnower:
 
 
 def test_text_answer_accuracy_scores_exactly_per_type(tok):
-    from helpers.pretrain import text_answer_accuracy
-    from helpers.world import described_questions
+    from helpers.data.world import described_questions
+    from helpers.train.pretrain import text_answer_accuracy
 
     probes = described_questions(20, seed=5)
     perfect = text_answer_accuracy(AnswerKnower(tok, probes), tok, probes, batch_size=7)
@@ -107,9 +107,9 @@ def test_text_answer_accuracy_scores_exactly_per_type(tok):
 
 def test_batched_text_answers_equal_one_at_a_time(tok, profile):
     """Left padding must not change what the LM answers (pad == EOS; positions come from the attention mask)."""
-    from helpers.modeling import new_phi_lm
-    from helpers.pretrain import text_answer_accuracy
-    from helpers.world import described_questions
+    from helpers.data.world import described_questions
+    from helpers.models.modeling import new_phi_lm
+    from helpers.train.pretrain import text_answer_accuracy
 
     lm = new_phi_lm(profile.pretrain_phi, tok, seed=0)
     probes = described_questions(6, seed=6)
@@ -138,7 +138,7 @@ def test_rerunning_a_finished_stage_loads_it_instead_of_training_more(tmp_path, 
 
     from helpers.config import Paths, StageSpec
     from helpers.course import run_cells
-    from helpers.pretrain import read_corpus
+    from helpers.train.pretrain import read_corpus
 
     torch.manual_seed(0)
     spec = StageSpec(learning_rate=3e-3, batch_size=8, max_steps=3, logging_steps=1)

@@ -151,8 +151,8 @@ def worker(argv=None):
 
     torch.set_num_threads(1)
     from helpers.config import Paths
-    from helpers.tokenizer import load_tokenizer
-    from helpers.world import WorldFiles
+    from helpers.data.tokenizer import load_tokenizer
+    from helpers.data.world import WorldFiles
 
     profile = _profile(args.stage)
     paths = Paths(profile, args.out)
@@ -161,7 +161,7 @@ def worker(argv=None):
     recorder = _recorder(args.pause_at, Path(args.result + ".paused"))
     if args.stage == "pretrain":  # notebook 01's own cells: blocks, model, trainer, then training
         from helpers.course import run_cells
-        from helpers.pretrain import mean_loss, read_corpus
+        from helpers.train.pretrain import mean_loss, read_corpus
 
         cells = run_cells("01_pretrain_phi", ["blocks", "model", "trainer"], profile=profile, paths=paths, tok=tok,
                           documents=read_corpus(world.corpus), SAVE_STEPS=SAVE_EVERY)
@@ -173,9 +173,9 @@ def worker(argv=None):
         from transformers import LlavaForConditionalGeneration
 
         from helpers.course import run_cells
-        from helpers.modeling import image_processor
-        from helpers.multimodal_data import read_coco_captions
-        from helpers.projection import mean_conversation_loss
+        from helpers.data.multimodal_data import read_coco_captions
+        from helpers.models.modeling import image_processor
+        from helpers.train.projection import mean_conversation_loss
 
         records, _ = read_coco_captions(world.captions("train"), world.images("train"))
         cells = run_cells("02_projection", ["freeze", "features", "trainer"],
@@ -190,8 +190,8 @@ def worker(argv=None):
         from transformers import AutoProcessor
 
         from helpers.course import run_cells
-        from helpers.multimodal_data import read_llava_instruct
-        from helpers.projection import mean_conversation_loss
+        from helpers.data.multimodal_data import read_llava_instruct
+        from helpers.train.projection import mean_conversation_loss
 
         records, _ = read_llava_instruct(world.instruct("train"), world.images("train"))
         processor = AutoProcessor.from_pretrained(args.llava)
@@ -296,7 +296,7 @@ def tok_dir(tok, tmp_path_factory):
 
 
 def _checkpoint_steps(trainer_dir):
-    from helpers.checkpointing import checkpoints
+    from helpers.train.checkpointing import checkpoints
 
     return sorted(int(p.name.split("-")[1]) for p in checkpoints(trainer_dir))
 
@@ -356,7 +356,7 @@ def test_checkpoint_validation_reasons(tmp_path, capsys):
     import torch
     from safetensors.torch import save_file
 
-    from helpers.checkpointing import checkpoint_problem, latest_valid_checkpoint, resolve_resume
+    from helpers.train.checkpointing import checkpoint_problem, latest_valid_checkpoint, resolve_resume
 
     def make(step, settings=None):
         ckpt = tmp_path / f"checkpoint-{step}"

@@ -1,5 +1,5 @@
 """Notebook 03's comparison with published models: this run's figures computed as the published ones are."""
-from helpers.evaluation import PUBLISHED, comparison_rows
+from helpers.scoring.evaluation import PUBLISHED, comparison_rows
 
 
 def test_this_runs_row_averages_popes_three_splits_and_takes_mmstars_headline():

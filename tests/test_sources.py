@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import sources
 from helpers.config import FULL, PINNED_REVISIONS, get_profile, parse_settings
-from helpers.downloads import fetch, fetch_all
-from helpers.sources import SourceError
+from helpers.data import sources
+from helpers.data.downloads import fetch, fetch_all
+from helpers.data.sources import SourceError
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -146,8 +146,8 @@ def _coco_parquet(folder: Path, images: Path, n: int):
 
 def test_coco_counts_images_and_keeps_every_caption(tmp_path):
     from helpers.config import Paths
-    from helpers.hub_data import coco_caption_files
-    from helpers.multimodal_data import read_coco_captions
+    from helpers.data.hub_data import coco_caption_files
+    from helpers.data.multimodal_data import read_coco_captions
 
     _coco_parquet(tmp_path / "coco", tmp_path / "images", n=6)
     profile = FULL.replace(coco_dataset=str(tmp_path / "coco"), coco_images=str(tmp_path / "images"),
@@ -167,7 +167,7 @@ def test_coco_counts_images_and_keeps_every_caption(tmp_path):
 
 
 def test_llava_instruct_is_split_by_image(tmp_path):
-    from helpers.hub_data import split_by_image
+    from helpers.data.hub_data import split_by_image
 
     records = [{"id": str(i), "image": f"{i % 400:012d}.jpg", "conversations": []} for i in range(2000)]
     train, held = split_by_image(records, n_held_out=3)

@@ -9,14 +9,14 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import time_plan as tp
 from helpers.config import FULL, TINY
+from helpers.planning import time_plan as tp
 
 
 def _one_layer_phi(spec, tok, attn="sdpa"):
     from transformers import PhiModel
 
-    from helpers.modeling import phi_config
+    from helpers.models.modeling import phi_config
 
     config = phi_config(dataclasses.replace(spec, num_hidden_layers=1), tok)
     config._attn_implementation = attn
@@ -28,7 +28,7 @@ def _one_layer_phi(spec, tok, attn="sdpa"):
 def test_flops_of_one_phi_decoder_layer_equal_a_hand_count(spec):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from helpers.memory_plan import StandInTokenizer
+    from helpers.planning.memory_plan import StandInTokenizer
 
     tok = StandInTokenizer.for_profile(TINY if spec is TINY.phi else FULL)
     model = _one_layer_phi(spec, tok)
@@ -146,12 +146,12 @@ def test_plans_order_gpus_and_scale_with_data():
 
 @pytest.mark.parametrize("gpu", ["T4", "V100-16GB"])
 def test_gpus_without_native_bf16_are_priced_in_fp16(gpu):
-    """The "auto" time plan of a GPU without native bf16 is fp16, what helpers.precision.choose trains in there, and
+    """The "auto" time plan of a GPU without native bf16 is fp16, what helpers.models.precision.choose trains in there, and
     a T4's or a V100's fp16 tensor cores are in the table (T4: 65 TFLOP/s, V100: 125) beside their fp32 rate; fp32
     and bf16 can still be asked for.
     Bug caught: the old rule (``bf16 if native else fp32``) left in the time plan, or a spec without an fp16 rate
     (fp16 matmuls would then be priced at the emulated bf16 rate, about fp32's)."""
-    from helpers import memory_plan as mp
+    from helpers.planning import memory_plan as mp
 
     spec = tp.GPU_SPECS[gpu]
     assert spec.memory is mp.GPUS[gpu] and not spec.memory.native_bf16
@@ -166,7 +166,7 @@ def test_gpus_without_native_bf16_are_priced_in_fp16(gpu):
 
 
 def test_fp16_counts_the_attention_in_fp32_and_every_other_matmul_in_fp16():
-    """In fp16 the meta model runs Phi's attention with the course's function (helpers.precision: SDPA on fp32
+    """In fp16 the meta model runs Phi's attention with the course's function (helpers.models.precision: SDPA on fp32
     copies), so the counter sees SDPA's kernels on fp32 operands and nothing else in fp32: the fp32 FLOPs are exactly
     the attention's by PyTorch's formulas (forward 2 matmuls, backward 5: 14 b t^2 d per layer), every other matmul
     is fp16, and the total is bf16's. In bf16 nothing is fp32.
@@ -258,7 +258,7 @@ def test_the_full_profile_fits_the_gpu_found_and_the_users_settings_still_win(mo
         assert spec.max_steps >= 1 and spec.gradient_checkpointing is not None and spec.save_steps >= 1
         plan = tp.plan_time(profile, stage, "T4")
         assert plan.hours <= FULL.gpu_hours_per_stage
-        from helpers.memory_plan import plan_memory
+        from helpers.planning.memory_plan import plan_memory
 
         assert plan_memory(profile, stage, gpu="T4", seq_length=160 if stage == "projection" else None).fits
     assert profile.n_train_samples < FULL.n_train_samples  # a T4 gets less data than written

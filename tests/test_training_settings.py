@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from helpers.config import FULL, TINY, StageSpec
-from helpers.training import THREADS_ENV, cpu_threads, training_arguments
+from helpers.train.training import THREADS_ENV, cpu_threads, training_arguments
 
 
 def _name(args) -> str:

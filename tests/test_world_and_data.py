@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from helpers.multimodal_data import ConversationDataset, read_coco_captions, read_llava_instruct
-from helpers.world import CELLS, QUESTION_TYPES, Scene, ask, build_world, caption, conversation, sample_scene
+from helpers.data.multimodal_data import ConversationDataset, read_coco_captions, read_llava_instruct
+from helpers.data.world import CELLS, QUESTION_TYPES, Scene, ask, build_world, caption, conversation, sample_scene
 
 
 def test_world_is_deterministic(tmp_path, profile):
@@ -107,7 +107,7 @@ def test_coco_records_with_missing_images_are_counted(world, tmp_path):
 
 
 def test_conversations_over_the_context_are_skipped(world, tok):
-    from helpers.encoding import encode_conversation
+    from helpers.data.encoding import encode_conversation
 
     records, _ = read_llava_instruct(world.instruct("val"), world.images("val"))
     lengths = [len(encode_conversation(tok, r.messages, 16)["input_ids"]) for r in records]
@@ -143,7 +143,7 @@ def test_a_world_of_other_settings_is_replaced_and_the_tokenizer_follows(tmp_pat
 def test_a_base_lm_trained_with_another_tokenizer_is_retrained(tmp_path, profile, monkeypatch):
     from helpers import stages
     from helpers.config import Paths
-    from helpers.tokenizer import train_bpe_tokenizer
+    from helpers.data.tokenizer import train_bpe_tokenizer
 
     paths = Paths(profile, tmp_path)
     tok = stages.ensure_tokenizer(profile, paths)
@@ -161,14 +161,14 @@ def test_a_base_lm_trained_with_another_tokenizer_is_retrained(tmp_path, profile
 
 # ----------------------------------------------------------------------------------------- world seeds
 def _vocabulary_words(world_seed):
-    from helpers.world import vocabulary
+    from helpers.data.world import vocabulary
 
     v = vocabulary(world_seed)
     return set(v.colour_names), set(v.shapes), dict(v.templates)
 
 
 def test_world_zero_is_the_default_vocabulary():
-    from helpers.world import COLOURS, SHAPES, TEMPLATES, vocabulary
+    from helpers.data.world import COLOURS, SHAPES, TEMPLATES, vocabulary
 
     v = vocabulary(0)
     assert v.colour_names == tuple(COLOURS) and v.shapes == SHAPES
@@ -201,7 +201,7 @@ def test_a_world_seed_is_deterministic_and_changes_the_files(tmp_path, profile):
 
 
 def test_answers_agree_with_the_scene_in_every_world():
-    from helpers.world import NUMBER_WORDS, plural, vocabulary
+    from helpers.data.world import NUMBER_WORDS, plural, vocabulary
 
     for world_seed in (0, 1, 2, 5):
         vocab = vocabulary(world_seed)

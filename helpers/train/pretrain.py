@@ -13,12 +13,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .chat_template import render, user_message
-from .hub_data import pretrain_texts
-from .inference import left_padding, normalise
-from .training import mean_target_loss
-from .world import (CAPTION_REQUEST, QUESTION_TYPES, ask, build_world, caption, described_questions, sample_scene,
-                    vocabulary)
+from helpers.data.chat_template import render, user_message
+from helpers.data.hub_data import pretrain_texts
+from helpers.data.world import (
+    CAPTION_REQUEST,
+    QUESTION_TYPES,
+    ask,
+    build_world,
+    caption,
+    described_questions,
+    sample_scene,
+    vocabulary,
+)
+from helpers.models.inference import left_padding, normalise
+from helpers.train.training import mean_target_loss
 
 
 class PackedBlocks(Dataset):

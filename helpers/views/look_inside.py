@@ -9,12 +9,12 @@ import html
 
 import torch
 
-from .encoding import encode_conversation
-from .modeling import vision_features
-from .pretrain import pack_documents
-from .reporting import save_and_show, show_table
-from .tokenizer import image_token_id
-from .training import _llava_of, project_cached_features
+from helpers.data.encoding import encode_conversation
+from helpers.data.tokenizer import image_token_id
+from helpers.models.modeling import vision_features
+from helpers.train.pretrain import pack_documents
+from helpers.train.training import _llava_of, project_cached_features
+from helpers.views.reporting import save_and_show, show_table
 
 # ----------------------------------------------------------------------------------------------- 01: text
 

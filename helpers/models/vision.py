@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .modeling import image_processor, new_clip, vision_features, vision_tower_from_clip
-from .sources import SourceError, model_path, setting_label
-from .training import CourseTrainer, train, training_arguments
+from helpers.data.sources import SourceError, model_path, setting_label
+from helpers.models.modeling import image_processor, new_clip, vision_features, vision_tower_from_clip
+from helpers.train.training import CourseTrainer, train, training_arguments
 
 
 class CaptionImagePairs(Dataset):
@@ -62,7 +62,7 @@ def load_pixels(paths: list[str], processor, batch_size: int = 256) -> dict[str,
 def train_tiny_clip(profile, paths, tok, pairs: list[tuple[str, str]], callbacks=None, resume=None,
                     save_steps=None):
     """Contrastive training of a small CLIP on (image path, caption) pairs. Returns (trainer, clip).
-    Checkpoints and `resume` as in ``helpers.training.train``."""
+    Checkpoints and `resume` as in ``helpers.train.training.train``."""
     processor = image_processor(profile.vision)
     pixels = load_pixels([p for p, _ in pairs], processor)
     kept = [pair for pair in pairs if pair[0] in pixels]

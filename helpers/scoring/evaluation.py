@@ -27,19 +27,24 @@ Questions are asked with the course's one chat template; POPE adds LLaVA-1.5's s
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 
 from PIL import Image
 
-import json
-
-from . import reporting
-from .chat_template import prompt_for_next_answer
-from .hub_data import mmstar_questions, pope_questions
-from .inference import (blank_like, evaluate_conversations, generate_answers, generation_batch_size, left_padding,
-                        plot_accuracy)
-from .world import blind_chance_by_type, vocabulary
+from helpers.data.chat_template import prompt_for_next_answer
+from helpers.data.hub_data import mmstar_questions, pope_questions
+from helpers.data.world import blind_chance_by_type, vocabulary
+from helpers.models.inference import (
+    blank_like,
+    evaluate_conversations,
+    generate_answers,
+    generation_batch_size,
+    left_padding,
+    plot_accuracy,
+)
+from helpers.views import reporting
 
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 STOP_WORDS = frozenset("""a an the and or but if then so of in on at to for from by with without about into over under
@@ -84,7 +89,7 @@ def evaluate_pope(model, processor, questions: list[dict], batch_size: int | Non
                   progress: bool = True, blind: bool = False) -> dict:
     """Ask every POPE question (``{"question", "answer", "category", "image"}``) and score the answers.
 
-    blind: every image replaced by a blank one (``helpers.inference.blank_like``), the baseline the real score is
+    blind: every image replaced by a blank one (``helpers.models.inference.blank_like``), the baseline the real score is
     read against: what a model says blind comes from the question's words alone."""
     from tqdm.auto import tqdm
 
@@ -192,7 +197,7 @@ def evaluate_mmstar(model, processor, questions: list[dict], blind: bool = False
                     max_new_tokens: int = 16, progress: bool = True) -> dict:
     """Ask MMStar questions (``{"question", "answer", "category", "image"}``, the options inside the question) with
     the standard suffix; score the greedy answer's letter (:func:`mmstar_letter`) and the likelier next-token letter
-    (:func:`letter_logprobs`). blind: every image replaced by a blank one (``helpers.inference.blank_like``)."""
+    (:func:`letter_logprobs`). blind: every image replaced by a blank one (``helpers.models.inference.blank_like``)."""
     from tqdm.auto import tqdm
 
     eos = processor.tokenizer.eos_token

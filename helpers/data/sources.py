@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from .config import PINNED_REVISIONS, SOURCES
+from helpers.config import PINNED_REVISIONS, SOURCES
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 URL_SCHEMES = ("http://", "https://", "file://")

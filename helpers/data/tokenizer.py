@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .chat_template import CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN
+from helpers.data.chat_template import CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN
 
 
 def train_bpe_tokenizer(texts, vocab_size: int, out_dir: str | Path | None) -> PreTrainedTokenizerFast:

@@ -10,10 +10,20 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
-                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PhiConfig, PhiForCausalLM)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PhiConfig,
+    PhiForCausalLM,
+)
 
-from .tokenizer import image_token_id
+from helpers.data.tokenizer import image_token_id
 
 
 def phi_config(spec, tok) -> PhiConfig:

@@ -1,12 +1,12 @@
 """Shared training machinery: transformers' Trainer, configured once for every stage.
 
 Trainer gives us, for free and battle-tested: learning-rate schedules with warmup (cosine or warmup-stable-decay),
-gradient accumulation, mixed precision as ``helpers.precision`` decides (bf16 where native, fp16 with a gradient
+gradient accumulation, mixed precision as ``helpers.models.precision`` decides (bf16 where native, fp16 with a gradient
 scaler on a T4, fp32 on a CPU),
 progress bars in notebooks, logging, safetensors checkpoints, resume with optimizer/scheduler/RNG/data position,
 and DDP/FSDP via accelerate.
 
-Checkpoints are made crash-safe by ``helpers.checkpointing``: written atomically, validated before resuming, and
+Checkpoints are made crash-safe by ``helpers.train.checkpointing``: written atomically, validated before resuming, and
 resumed automatically by :func:`train` (every stage's entry point into Trainer).
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from . import precision
-from .checkpointing import AtomicCheckpointMixin, clear_checkpoints, resolve_resume
+from helpers.models import precision
+from helpers.train.checkpointing import AtomicCheckpointMixin, clear_checkpoints, resolve_resume
 
 CHECKPOINTS_PER_RUN = 4  # default: a checkpoint every 25 % of the steps (and at the end)
 
@@ -79,7 +79,7 @@ def training_arguments(spec, out_dir: str | Path, seed: int, n_examples: int | N
         report_to="none",
         seed=seed,
         data_seed=seed,
-        **precision.current().trainer_args,  # bf16 / fp16 (with a gradient scaler) / fp32: helpers.precision
+        **precision.current().trainer_args,  # bf16 / fp16 (with a gradient scaler) / fp32: helpers.models.precision
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -308,12 +308,12 @@ class StopOnNonFiniteSteps(TrainerCallback):
         if count >= self.limit:
             raise NonFiniteTraining(
                 f"{count} consecutive {what} (up to step {state.global_step}): the model overflows in this "
-                f"precision and is not learning. Check the precision (helpers.precision; MMPHI_PRECISION=fp32 to "
+                f"precision and is not learning. Check the precision (helpers.models.precision; MMPHI_PRECISION=fp32 to "
                 f"compare) and the learning rate; the last good checkpoint is kept.")
 
 
 class CourseTrainer(AtomicCheckpointMixin, Trainer):
-    """transformers' Trainer with atomic checkpoints (see helpers.checkpointing) and strict resuming: Trainer
+    """transformers' Trainer with atomic checkpoints (see helpers.train.checkpointing) and strict resuming: Trainer
     reloads checkpoint weights with ``strict=False`` and only logs mismatched names; here they are an error.
     Training stops with :class:`NonFiniteTraining` after :data:`MAX_SKIPPED_STEPS` consecutive non-finite steps."""
 

@@ -20,7 +20,7 @@ only shapes and dtypes. From that model it reads
   matmuls in bf16 / fp16, layer norm / softmax / pow / losses in fp32, following PyTorch's autocast op lists; a
   ``torch.autocast(..., enabled=False)`` region is honoured) and the attention kernel (memory-efficient SDPA keeps
   q, k, v, the output and a padding bias; where it is unavailable – bf16 forced on a T4 – the math kernel keeps the
-  B x heads x T x T fp32 probabilities). In fp16 (a T4, a V100: ``helpers.precision``) the meta model runs Phi's
+  B x heads x T x T fp32 probabilities). In fp16 (a T4, a V100: ``helpers.models.precision``) the meta model runs Phi's
   attention with the course's own function, ``precision.fp32_score_attention``: it upcasts q, k and v to fp32
   copies with autocast off, so SDPA keeps those fp32 copies, its fp32 output and an fp32 bias for the backward
   (twice the attention's bytes of bf16); everything else holds what bf16 autocast holds. With gradient
@@ -36,7 +36,7 @@ only shapes and dtypes. From that model it reads
 * **persistent** – weights, AdamW states (they exist from the first optimizer step on, so every later step has
   them), cuBLAS workspaces and, with gradient accumulation, the gradients (kept between micro-batches).
 * **the loss** – the course computes it at the answer positions only, a chunk of logits at a time
-  (``helpers.training.answer_only_loss``): its backward transient is one chunk instead of B x T x vocab fp32
+  (``helpers.train.training.answer_only_loss``): its backward transient is one chunk instead of B x T x vocab fp32
   gradients. ``loss="model"`` plans the model's own loss (for comparison with earlier measurements).
 
 The total is an estimate of ``torch.cuda.max_memory_allocated()`` (with a 5 % allowance on the step's
@@ -46,7 +46,7 @@ checkpointing on/off, both attention kernels and both losses.
 
 Notebook use::
 
-    from helpers.memory_plan import plan_memory, print_plan
+    from helpers.planning.memory_plan import plan_memory, print_plan
     print_plan(plan_memory("full", "instruct", gpu="T4"))
 """
 from __future__ import annotations
@@ -62,11 +62,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import precision
-from .config import PROFILES, StageSpec, get_profile
-from .modeling import clip_vision_config, llava_config, phi_config
-from .precision import FP32_ATTENTION, choose
-from .training import _llava_of, chunked_cross_entropy_sum, loss_chunk_tokens, project_cached_features
+from helpers.config import PROFILES, StageSpec, get_profile
+from helpers.models import precision
+from helpers.models.modeling import clip_vision_config, llava_config, phi_config
+from helpers.models.precision import FP32_ATTENTION, choose
+from helpers.train.training import _llava_of, chunked_cross_entropy_sum, loss_chunk_tokens, project_cached_features
 
 GiB = 1024 ** 3
 
@@ -116,7 +116,7 @@ CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspace: outside max_memory_al
 STAGES = {"projection": "projection", "02": "projection", "02_projection": "projection",
           "instruct": "instruct", "03": "instruct", "03_qlora_instruct": "instruct"}
 
-# Settings of the real checkpoint that the course's architecture-only config (helpers.modeling.phi_config) leaves
+# Settings of the real checkpoint that the course's architecture-only config (helpers.models.modeling.phi_config) leaves
 # at PhiConfig defaults. They change no shape, but dropout keeps masks for the backward pass.
 CHECKPOINT_EXTRAS = {"microsoft/phi-2": {"resid_pdrop": 0.1, "embd_pdrop": 0.0, "attention_dropout": 0.0}}
 
@@ -180,7 +180,7 @@ def _profile(profile):
 
 def meta_llava(profile, dtype: torch.dtype = torch.float32, tok=None):
     """The profile's complete LlavaForConditionalGeneration on the meta device, built with the course's own
-    config functions (helpers.modeling.phi_config / clip_vision_config / llava_config)."""
+    config functions (helpers.models.modeling.phi_config / clip_vision_config / llava_config)."""
     from transformers import LlavaForConditionalGeneration
 
 
@@ -275,7 +275,7 @@ def _stage_model(profile, stage: str, compute_dtype: torch.dtype, load_in_4bit: 
 
 def attention_for(compute_dtype: torch.dtype) -> str:
     """The attention implementation the course builds its models with when it trains in `compute_dtype`
-    (``helpers.precision.Precision.attention``: the fp32-score attention in fp16, stock SDPA otherwise)."""
+    (``helpers.models.precision.Precision.attention``: the fp32-score attention in fp16, stock SDPA otherwise)."""
 
     name = {dtype: name for name, dtype in precision.DTYPES.items()}[compute_dtype]
     return precision.Precision(name, "meta").attention
@@ -353,7 +353,7 @@ class _CudaSemantics(TorchFunctionMode):
     """Emulates, on meta tensors, what changes memory on a GPU: autocast casts and the SDPA kernel choice.
 
     ``autocast_enabled`` is False inside ``torch.autocast("meta", enabled=False)`` (see :func:`_meta_autocast`): the
-    region where ``helpers.precision.fp32_score_attention`` runs SDPA on fp32 copies, as CUDA autocast would leave
+    region where ``helpers.models.precision.fp32_score_attention`` runs SDPA on fp32 copies, as CUDA autocast would leave
     it. ``fp32_attention`` (a model built with that attention): SDPA is never autocast, whatever dtype q, k, v
     arrive in. That is the policy's promise (attention in fp32); the function itself keeps it for half-precision
     inputs only: in stage 03 the 4-bit layers return fp32 (their input's dtype, after the fp32 layer norm), and for
@@ -418,7 +418,7 @@ def _meta_autocast(semantics: _CudaSemantics):
 
 class _DropoutWithBoolMask(torch.autograd.Function):
     """CUDA's native_dropout keeps a bool mask (1 byte per element); the meta kernel would keep one in the input
-    dtype. The forward and backward are each one elementwise kernel (what helpers.time_plan counts)."""
+    dtype. The forward and backward are each one elementwise kernel (what helpers.planning.time_plan counts)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -474,7 +474,7 @@ def loss_backward_transient(loss: str, batch_size: int, seq_length: int, vocab: 
     * ``"model"`` (transformers' ForCausalLMLoss over all B x T positions): log-softmax saved its fp32 output in the
       forward (counted with the activations); its backward holds the incoming fp32 gradient and produces another fp32
       B x T x vocab tensor: 2 x 4 bytes per logit;
-    * ``"answer"`` (``helpers.training.answer_only_loss``): one chunk of at most ``loss_chunk_tokens`` target rows is
+    * ``"answer"`` (``helpers.train.training.answer_only_loss``): one chunk of at most ``loss_chunk_tokens`` target rows is
       recomputed (bf16 logits freed after their fp32 copy) and differentiated: its saved fp32 log-softmax, the incoming
       and the outgoing fp32 gradient: 3 x 4 bytes per logit of one chunk.
     """
@@ -500,12 +500,12 @@ def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch
                   recompute_loss: bool = True) -> torch.Tensor:
     """One training forward with its loss, as the course runs it, on a meta (or real) LLaVA: `batch_size` rows of
     `seq_length` tokens starting with the image placeholders, vision features through the projector
-    (``helpers.training.project_cached_features``), autocast in `autocast_dtype` (bf16 or fp16; None = fp32) and the
+    (``helpers.train.training.project_cached_features``), autocast in `autocast_dtype` (bf16 or fp16; None = fp32) and the
     SDPA kernel emulated on meta. The model's own attention implementation runs (the course's fp32-score attention
     in an fp16 stage model, see :func:`attention_for`).
 
     ``loss="model"``: the model's own loss (labels = input ids, full logits). ``loss="answer"``: the answer-only
-    chunked loss of ``helpers.training.answer_only_loss``, with ``answer_fraction`` of the positions as targets
+    chunked loss of ``helpers.train.training.answer_only_loss``, with ``answer_fraction`` of the positions as targets
     (meta tensors cannot be indexed by a data-dependent mask, so the gather is emulated with the same cost)."""
 
     if loss not in LOSSES:
@@ -797,7 +797,7 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch
 
 
 def precision_for(gpu, precision: str = "auto") -> str:
-    """The precision a stage trains in on `gpu`: ``"auto"`` is the course's policy (``helpers.precision.choose``:
+    """The precision a stage trains in on `gpu`: ``"auto"`` is the course's policy (``helpers.models.precision.choose``:
     bf16 where the GPU has native bf16, fp16 otherwise); "bf16", "fp16" or "fp32" are taken as given."""
     if precision == "auto":
         return choose(cuda=True, bf16=_gpu(gpu).native_bf16)
@@ -815,15 +815,15 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
 
     Defaults are the profile's own settings: its batch size and gradient accumulation, its ``max_length`` (the
     longest batch the collator can produce), its gradient checkpointing flag and LoRA rank. ``precision="auto"`` is
-    what the course does on that GPU (``helpers.precision.choose``): bf16 (LLM stored in bf16, Trainer's bf16
+    what the course does on that GPU (``helpers.models.precision.choose``): bf16 (LLM stored in bf16, Trainer's bf16
     autocast) where the GPU has native bf16; fp16 on a T4 or a V100 (frozen LLM and the 4-bit layers' compute in
     fp16, Trainer's fp16 autocast with a gradient scaler, Phi's attention in fp32 by
-    ``helpers.precision.fp32_score_attention``, whose fp32 copies of q, k, v and fp32 output are planned). ``"bf16"``,
+    ``helpers.models.precision.fp32_score_attention``, whose fp32 copies of q, k, v and fp32 output are planned). ``"bf16"``,
     ``"fp16"`` and ``"fp32"`` can be asked for on any GPU (``MMPHI_PRECISION``). No fp32 master weights in any of
     them: every trainable parameter is fp32 (the fp16 gradient scaler unscales fp32 gradients in place).
     ``attention="auto"`` picks the memory-efficient SDPA kernel (fp32 has it on every GPU), or the math kernel for
     bf16 on GPUs without native bf16 (only when bf16 is forced there). ``loss="answer"`` is the course's loss
-    (``helpers.training.answer_only_loss``), ``"model"`` the model's own loss over full logits; ``answer_fraction``
+    (``helpers.train.training.answer_only_loss``), ``"model"`` the model's own loss over full logits; ``answer_fraction``
     is the share of positions that are answer tokens (1 = the worst case).
 
     The peak is the larger of two moments of a step (the measured GPU peaks of the course's stages are one or the
@@ -881,7 +881,7 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
         f"CUDA context {CUDA_CONTEXT_GIB} GiB on the card; cuBLAS workspaces {CUBLAS_WORKSPACE_GIB:.3f} GiB "
         "inside the peak; allocator fragmentation not included",
         f"+{MEASURED_EXTRA_GIB[stage_name]} GiB measured on an H200 beyond what the count explains (source not "
-        "identified; helpers.memory_plan.MEASURED_EXTRA_GIB)",
+        "identified; helpers.planning.memory_plan.MEASURED_EXTRA_GIB)",
     ]
     if stage_name == "instruct" and load_in_4bit:
         assumptions.insert(0, "nf4, blocksize 64, double quantization: 4.127 bits per quantized weight; other "
@@ -889,7 +889,7 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     if precision == "bf16" and not card.native_bf16:
         assumptions.append(f"{card.name}: bf16 is emulated (no bf16 tensor cores) and SDPA uses the math kernel")
     if precision == "fp16":
-        assumptions.append("fp16: Phi's attention runs in fp32 (helpers.precision.fp32_score_attention): its fp32 "
+        assumptions.append("fp16: Phi's attention runs in fp32 (helpers.models.precision.fp32_score_attention): its fp32 "
                            "copies of q, k, v, fp32 output and bias are kept for the backward; the gradient scaler "
                            "unscales the fp32 gradients in place (no master weights)")
     return MemoryPlan(profile=profile.name, stage=stage_name, gpu=card.name, gpu_gib=card.memory_gib,

@@ -1,7 +1,7 @@
 """Full profile: the real data sets, prepared once on local disk in the formats the readers expect.
 
-Each source is a Hub id or a local path (:mod:`helpers.sources`); images are fetched by
-:func:`helpers.downloads.fetch_all` (parallel, resumable, atomic, retried), never inside a training step.
+Each source is a Hub id or a local path (:mod:`helpers.data.sources`); images are fetched by
+:func:`helpers.data.downloads.fetch_all` (parallel, resumable, atomic, retried), never inside a training step.
 
 * **COCO 2017 captions** (``phiyodr/coco2017`` parquet: one row per image with its captions and ``coco_url``) ->
   ``data/coco/annotations/captions_<split>2017.json`` (the official COCO captions layout) + ``data/coco/<split>2017/``.
@@ -30,9 +30,9 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from . import sources
-from .downloads import fetch_all
-from .sources import SourceError
+from helpers.data import sources
+from helpers.data.downloads import fetch_all
+from helpers.data.sources import SourceError
 
 COCO_COLUMNS = ("file_name", "coco_url", "image_id", "captions")
 POPE_COLUMNS = ("question", "answer", "category", "image")

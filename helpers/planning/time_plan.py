@@ -1,8 +1,8 @@
 """How long a training stage takes on a given GPU, before renting it: the time plan beside the memory plan.
 
 ``plan_time(profile, stage, gpu=...)`` counts the work of one training micro-step on the stage's model built on
-the ``meta`` device exactly as ``helpers.memory_plan`` builds it (same configs, same 4-bit/LoRA layout, the same
-emulated autocast and attention kernel), in the precision the course trains in on that GPU (``helpers.precision``:
+the ``meta`` device exactly as ``helpers.planning.memory_plan`` builds it (same configs, same 4-bit/LoRA layout, the same
+emulated autocast and attention kernel), in the precision the course trains in on that GPU (``helpers.models.precision``:
 bf16 where the GPU has native bf16, fp16 on a T4 or a V100; ``precision=`` asks for another), then prices it on the
 GPU:
 
@@ -19,7 +19,7 @@ GPU:
   of the GPU's sum and the host's.
 * **fp16 (a T4, a V100)** – the same kernels and bytes as bf16 (2-byte halves), the half-precision matmuls priced at
   the fp16 tensor-core rate, except Phi's attention: the meta model runs it with the course's own function
-  (``helpers.precision.fp32_score_attention``, the model's attention implementation as the course builds it), so the
+  (``helpers.models.precision.fp32_score_attention``, the model's attention implementation as the course builds it), so the
   counter sees the fp32 copies of q, k and v it makes, and SDPA's forward and backward kernels on fp32 operands:
   priced at the fp32 rate with fp32 bytes, as on the GPU. (One rule is added by hand: in a model built with that
   attention, the emulated autocast never lowers SDPA, because in stage 03 q, k, v reach the function already in
@@ -42,7 +42,7 @@ and the ETA while a stage trains.
 
 Notebook use::
 
-    from helpers import time_plan
+    from helpers.planning import time_plan
     time_plan.show("full", "instruct", gpu="T4")          # memory plan + time plan
     print(time_plan.time_table("full"))                     # every stage on every GPU
 """
@@ -58,7 +58,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import memory_plan as mp
+from helpers.planning import memory_plan as mp
 
 GiB = mp.GiB
 
@@ -69,7 +69,7 @@ GiB = mp.GiB
 class GPUSpec:
     """Published peaks of one GPU (dense, no sparsity)."""
 
-    key: str  # helpers.memory_plan.GPUS key (memory, bf16 support)
+    key: str  # helpers.planning.memory_plan.GPUS key (memory, bf16 support)
     bf16_tflops: float  # what a bf16 matmul can reach: tensor cores, or the fp32 rate where bf16 is emulated (T4)
     fp32_tflops: float  # fp32 matmuls (PyTorch does not use TF32 for matmuls by default)
     bandwidth_gbs: float  # memory bandwidth, GB/s
@@ -248,7 +248,7 @@ def count_kernels(shape: StepShape) -> KernelCount:
     """Count the kernels of one training micro-step (forward with loss + backward) on the meta model.
 
     In fp16 the stage model is built, as the course builds it, with Phi's attention implementation set to
-    ``helpers.precision.FP32_ATTENTION`` (``memory_plan.attention_for``): the course's function runs on the meta
+    ``helpers.models.precision.FP32_ATTENTION`` (``memory_plan.attention_for``): the course's function runs on the meta
     tensors, so its fp32 copies of q, k, v and SDPA's kernels on fp32 operands are counted as fp32 (rate and bytes).
     No kernel is tagged by hand; the emulated autocast leaves SDPA in fp32 in such a model (see
     ``memory_plan._CudaSemantics``: the policy's promise, also where q, k, v arrive in fp32)."""
@@ -269,7 +269,7 @@ def count_kernels(shape: StepShape) -> KernelCount:
 
     layers = llava.model.language_model.layers
     # the layers' forward runs again under gradient checkpointing; so does the LM head of the answer-only loss
-    # (helpers.training.chunked_cross_entropy_sum recomputes each chunk's logits in the backward pass)
+    # (helpers.train.training.chunked_cross_entropy_sum recomputes each chunk's logits in the backward pass)
     recomputed = list(layers) + ([llava.lm_head] if shape.loss == "answer" else [])
     handles = [m.register_forward_pre_hook(enter, with_kwargs=True) for m in recomputed]
     handles += [m.register_forward_hook(leave) for m in recomputed]
@@ -631,7 +631,7 @@ def plan_time(profile="full", stage: str = "instruct", gpu="T4", batch_size: int
 PRECISION_NOTES = {
     "bf16": "bf16 autocast (bf16 tensor cores)",
     "fp16": "fp16 autocast with a gradient scaler (fp16 tensor cores); Phi's attention in fp32 "
-            "(helpers.precision.fp32_score_attention), priced at the fp32 rate",
+            "(helpers.models.precision.fp32_score_attention), priced at the fp32 rate",
     "fp32": "fp32 (no autocast; fp32 matmuls)",
 }
 
@@ -762,7 +762,7 @@ class Recipe:
     gpu: str
     budget_hours: float
     stages: dict
-    precision: str = "bf16"  # what every stage trains in (helpers.precision on that GPU, unless asked otherwise)
+    precision: str = "bf16"  # what every stage trains in (helpers.models.precision on that GPU, unless asked otherwise)
 
     def profile_for(self, profile, stage: str):
         """`profile` with this recipe's settings for `stage` (its StageSpec, with gradient checkpointing)."""
@@ -826,7 +826,7 @@ def recipe_for_gpu(profile="full", gpu=None, budget_hours: float = 2.0, data: di
                 options.append((t.step_seconds, batch, ckpt, mem, t, basis))
         if not options:
             raise ValueError(f"no micro-batch of stage {stage} fits a {gpu_key} in {precision} "
-                             "(see helpers.memory_plan)")
+                             "(see helpers.planning.memory_plan)")
         fastest = min(o[0] for o in options)
         # within 3 % of the fastest, prefer the biggest micro-batch, then no checkpointing
         step_s, batch, ckpt, mem, _, basis = max((o for o in options if o[0] <= 1.03 * fastest),
@@ -963,7 +963,7 @@ def announce(profile, stage: str, dataset=None, gpu=None, **settings):
     gpu = gpu or detect_gpu()
     if gpu is None:
         if torch.cuda.is_available():
-            print(f"GPU {torch.cuda.get_device_name()} is not in helpers.time_plan.GPU_SPECS: no plan printed")
+            print(f"GPU {torch.cuda.get_device_name()} is not in helpers.planning.time_plan.GPU_SPECS: no plan printed")
         return None
     try:
         _, plan = show(profile, stage, gpu=gpu, dataset=dataset, **settings)

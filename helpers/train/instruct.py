@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from . import precision
-from .chat_template import prompt_for_next_answer
-from .inference import generate_answers
+from helpers.data.chat_template import prompt_for_next_answer
+from helpers.models import precision
+from helpers.models.inference import generate_answers
+
 
 def keep_4bit_layout_for_training(model) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference-only layout the first time the
@@ -94,7 +95,7 @@ def export_merged(peft_model, base_checkpoint, out_dir, processor, dtype: torch.
     Each quantized weight is dequantized (the values the adapters were trained against) and its LoRA delta added;
     the trained projector copy replaces the original. The result loads with stock transformers.
 
-    The merged model is built where it will be used, in the precision it answers in (``helpers.precision``: bf16
+    The merged model is built where it will be used, in the precision it answers in (``helpers.models.precision``: bf16
     or fp16 on a GPU, loaded straight from the safetensors shards with ``device_map``; fp32 on a CPU), so the host
     never holds a full-precision copy of the LLM (Phi-2 in fp32 would be ~11 GB: more than a Colab runtime's RAM).
     The memory each step needs is printed.

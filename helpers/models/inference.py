@@ -8,9 +8,10 @@ from contextlib import contextmanager
 import torch
 from PIL import Image
 
-from . import precision, reporting
-from .chat_template import prompt_for_next_answer, user_message
-from .fast_generation import generate_greedy
+from helpers.data.chat_template import prompt_for_next_answer, user_message
+from helpers.models import precision
+from helpers.models.fast_generation import generate_greedy
+from helpers.views import reporting
 
 
 @contextmanager
@@ -33,7 +34,7 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
                      batch_size: int | None = None):
     """Greedy answers for a batch of (image, prompt). Returns [(text, ended_with_eos)].
 
-    On a GPU with a plain (merged) model this goes through ``helpers.fast_generation`` (static KV cache, compiled
+    On a GPU with a plain (merged) model this goes through ``helpers.models.fast_generation`` (static KV cache, compiled
     decoding step; batches padded to `batch_size` so every chunk of an evaluation reuses one compiled step);
     otherwise it is ``model.generate``."""
     tok = processor.tokenizer
@@ -62,7 +63,7 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
 
 def load_assistant(checkpoint):
     """The merged assistant of stage 03 with stock transformers, straight onto the device it runs on, in the
-    course's precision (``helpers.precision``: bf16 on GPUs with native bf16, fp16 with fp32 attention scores on a
+    course's precision (``helpers.models.precision``: bf16 on GPUs with native bf16, fp16 with fp32 attention scores on a
     T4, fp32 on a CPU), plus its processor.
     Loading with ``device_map`` streams the safetensors shards to the GPU instead of building the model in host
     memory first."""
@@ -117,7 +118,7 @@ def evaluate_conversations(model, processor, records, max_new_tokens: int = 16, 
     Every record needs ``meta["types"]`` (question type per turn). Returns overall and per-type accuracy, the
     fraction of answers that ended with EOS, and every (question, expected, predicted) row. `batch_size` None:
     as many rows as the free GPU memory holds (:func:`generation_batch_size`, at most 32). `judge(predicted,
-    expected) -> bool` replaces exact match (free-form answers: ``helpers.evaluation.judge_freeform``).
+    expected) -> bool` replaces exact match (free-form answers: ``helpers.scoring.evaluation.judge_freeform``).
     """
     from tqdm.auto import tqdm
 

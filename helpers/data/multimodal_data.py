@@ -7,7 +7,7 @@ Malformed records (missing or unreadable image file, conversation without an ans
 are skipped and counted instead of crashing a long run, and each loader prints a one-line summary of what it kept
 and skipped; if most records are bad the loader stops with a clear error. Images are checked when read (PIL's
 ``verify``: empty, truncated or non-image files) and again when their vision features are computed (a full decode,
-``helpers.vision.cache_features``); records whose image fails either are skipped.
+``helpers.models.vision.cache_features``); records whose image fails either are skipped.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .chat_template import IMAGE_TOKEN, from_llava, user_message
-from .encoding import encode_conversation
-
-from .world import CAPTION_REQUEST as CAPTION_INSTRUCTION  # the same words as in the pretraining corpus
+from helpers.data.chat_template import IMAGE_TOKEN, from_llava, user_message
+from helpers.data.encoding import encode_conversation
+from helpers.data.world import CAPTION_REQUEST as CAPTION_INSTRUCTION  # the same words as in the pretraining corpus
 
 
 @dataclass

@@ -17,12 +17,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import asr as speech
-from . import reporting, stages
-from .chat_template import IMAGE_TOKEN, user_message
-from .evaluation import judge_freeform
-from .inference import evaluate_conversations, load_assistant
-from .multimodal_data import Record
+from helpers.data.chat_template import IMAGE_TOKEN, user_message
+from helpers.data.multimodal_data import Record
+from helpers.models import asr as speech
+from helpers.models.inference import evaluate_conversations
+from helpers.scoring.evaluation import judge_freeform
+from helpers.views import reporting
 
 
 def typed_question(message: dict) -> str:
@@ -150,9 +150,10 @@ class StageResult:
     objects: dict = field(default_factory=dict)
 
 
-def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=None, processor=None,
+def typed_vs_spoken(profile, paths, val_records, model, processor, asr=None, max_questions: int | None = -1,
                 progress: bool = True):
-    """Speak, transcribe and answer the held-out questions; compare with the same questions typed.
+    """Speak, transcribe and answer the held-out questions (of `val_records`, the held-out conversations) with the
+    exported assistant (`model`, `processor`); compare with the same questions typed.
 
     Writes ``metrics/04_audio.json`` and ``metrics/04_spoken_answers.json``. Returns a StageResult whose
     samples are rows with both answers."""
@@ -163,16 +164,13 @@ def audio_stage(profile, paths, max_questions: int | None = -1, asr=None, model=
         max_questions = profile.n_audio_questions
     asr = asr or speech.load_asr(profile)  # ASRUnavailable says what to install
     audio_dir = paths.root / "audio"
-    val, _ = stages.instruct_records(profile, paths, "val")
-    records = limit_records(val[: profile.n_eval_samples], max_questions)
+    records = limit_records(val_records[: profile.n_eval_samples], max_questions)
     questions = unique_questions(records)
     t0 = time.perf_counter()
     wavs = synthesize_questions(questions, audio_dir, progress)
     t1 = time.perf_counter()
     transcripts = transcribe_questions(asr, wavs, audio_dir, progress)
     t2 = time.perf_counter()
-    if model is None:
-        model, processor = load_assistant(stages.ensure_assistant(profile, paths))
     judge = None
     if not all(r.meta.get("types") for r in records):  # free-form answers (full): the documented rule
         def judge(predicted, expected):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .chat_template import render_with_answer_spans
-from .tokenizer import image_token_id
+from helpers.data.chat_template import render_with_answer_spans
+from helpers.data.tokenizer import image_token_id
 
 IGNORE_INDEX = -100
 

@@ -7,11 +7,10 @@ LLaVA's own: projected features are handed to ``LlavaForConditionalGeneration`` 
 """
 from __future__ import annotations
 
-
-from .encoding import PadCollator
-from .multimodal_data import ConversationDataset
-from .training import mean_target_loss, project_cached_features
-from .vision import cache_features
+from helpers.data.encoding import PadCollator
+from helpers.data.multimodal_data import ConversationDataset
+from helpers.models.vision import cache_features
+from helpers.train.training import mean_target_loss, project_cached_features
 
 
 def feature_table(tower, processor, records, layer: int, cache_file):

