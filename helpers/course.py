@@ -29,11 +29,16 @@ class NotebookError(RuntimeError):
     """A notebook (or one of its named cells) cannot be run from here."""
 
 
+def notebook_path(name: str) -> Path:
+    """The file of notebook `name` (``03_qlora_instruct`` or its file name) in this checkout."""
+    return ROOT / (name if name.endswith(".ipynb") else f"{name}.ipynb")
+
+
 def code_cells(name: str) -> list[tuple[set, str]]:
     """(tags, source) of each code cell of notebook `name` (``03_qlora_instruct`` or its file name)."""
     import nbformat
 
-    path = ROOT / (name if name.endswith(".ipynb") else f"{name}.ipynb")
+    path = notebook_path(name)
     if not path.exists():
         raise NotebookError(f"{path.name} is not here (looked in {ROOT}): the course's notebooks are in its Git "
                             "repository; open this notebook from a clone of the whole course.")
@@ -102,7 +107,7 @@ def run(names, profile: str, output: Path, timeout: int = 3600) -> dict:
     (output / "notebooks").mkdir(parents=True, exist_ok=True)
     times = {}
     for name in names:
-        source = ROOT / f"{name}.ipynb"
+        source = notebook_path(name)
         if not source.exists():
             print(f"skip {name}: no such notebook")
             continue
