@@ -7,7 +7,8 @@ decoding, exactly `--new-tokens` tokens each (min_new_tokens = max_new_tokens, s
 * ``no cache`` – ``model.generate(use_cache=False)``: the whole sequence recomputed for every token;
 * ``static``   – ``model.generate(cache_implementation="static")``: transformers' stock static cache (on a GPU it
   compiles the forward itself on the first call);
-* ``fast``     – ``helpers.models.fast_generation.FastGreedy``: static cache + the one-token step compiled as a CUDA graph
+* ``fast``     – ``helpers.models.fast_generation.FastGreedy``: static cache + the one-token step compiled as a CUDA
+graph
   (transformers' documented custom-loop path), what the demo and the evaluation use on a GPU.
 
 Each way's first call (compilation for ``static`` and ``fast`` on a GPU) is timed apart as its warm-up, then

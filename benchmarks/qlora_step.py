@@ -10,8 +10,9 @@ gradient clipping, as Trainer runs it:
 * old : random micro-batches of the profile's batch size (4 in the full profile), gradient checkpointing as the
         profile says (on), the model's own loss over the full logits;
 * new : the same optimizer batch cut into length-balanced micro-batches by transformers' BatchRebalanceSampler, the
-        micro-batch chosen by ``helpers.planning.time_plan.recipe_for_gpu`` for this GPU (the largest the memory planner says
-        fits, checkpointing only when needed), the answer-only chunked loss (``helpers.train.training.answer_only_loss``).
+        micro-batch chosen by ``helpers.planning.time_plan.recipe_for_gpu`` for this GPU (the largest the memory planner
+        says fits, checkpointing only when needed), the answer-only chunked loss
+        (``helpers.train.training.answer_only_loss``).
 
 It prints seconds per optimizer step, real and padded tokens per second, MFU (6 x LM parameters x real tokens over
 the GPU's bf16 peak), the peak ``torch.cuda.max_memory_allocated`` next to the memory planner's figure for the
@@ -182,8 +183,8 @@ def main(argv=None):
     parser = C.base_parser(__doc__.split("\n")[0])
     C.add_time_limit(parser, 420)
     parser.add_argument("--lengths", choices=["llava", "full"], default="llava",
-                        help="llava: lengths drawn like LLaVA-Instruct (helpers.planning.time_plan.assumed_data); full: every "
-                             "example at max_length")
+                        help="llava: lengths drawn like LLaVA-Instruct (helpers.planning.time_plan.assumed_data); "
+                             "full: every example at max_length")
     parser.add_argument("--effective-batch", type=int, help="examples per optimizer step (default: the profile's "
                         "batch x accumulation; tiny: 16)")
     parser.add_argument("--steps", type=int, help="timed optimizer steps per way after one warm-up step "
@@ -193,8 +194,9 @@ def main(argv=None):
                         "GPU, 8 for tiny)")
     parser.add_argument("--new-checkpointing", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--ways", default="old,new")
-    parser.add_argument("--as-gpu", help="plan and cap memory as on this GPU of helpers.planning.time_plan.GPU_SPECS (e.g. T4): "
-                        "the new way takes that GPU's recipe, and the process may allocate only that GPU's memory "
+    parser.add_argument("--as-gpu", help="plan and cap memory as on this GPU of helpers.planning.time_plan.GPU_SPECS "
+                        "(e.g. T4): the new way takes that GPU's recipe, and the process may allocate only that GPU's "
+                        "memory "
                         "(torch.cuda.set_per_process_memory_fraction). With MMPHI_PRECISION=fp16 this rehearses a "
                         "T4's fp16 path at real size on a bigger GPU (speed is this GPU's, not the T4's)")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "mmphi_bench"),

@@ -1,9 +1,10 @@
 """Does the tiny course learn every skill on every seed and in every world? Notebooks 01-03, many runs.
 
 Each run trains stages 01-03 of the tiny profile from scratch by running notebooks 01-03 themselves, cell by cell
-(``helpers.course.run_notebook``), for one model seed (``Profile.seed``: initialisation and data order) and one world (``WorldSpec.world_seed``: the world's
-objects, wording and scenes), in an output folder of its own and a process of its own. Runs go in parallel, each
-with a bounded number of CPU threads (``MMPHI_CPU_THREADS``), and the results land in one JSON file:
+(``helpers.course.run_notebook``), for one model seed (``Profile.seed``: initialisation and data order) and one world
+(``WorldSpec.world_seed``: the world's objects, wording and scenes), in an output folder of its own and a process of its
+own. Runs go in parallel, each with a bounded number of CPU threads (``MMPHI_CPU_THREADS``), and the results land in one
+JSON file:
 
     {"machine": {...}, "runs": [{"seed", "world_seed", "probe_accuracy", "heldout_accuracy",
                                  "heldout_accuracy_by_type": {type: accuracy}, "eos_rate",

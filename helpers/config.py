@@ -177,8 +177,8 @@ class Profile:
     # hours, so it must be asked for explicitly)
     train_missing_stages: bool = False
     # on a GPU: stages 02 and 03 get the micro-batch, accumulation, checkpointing and amount of data that the memory
-    # and time plans say fit this many hours on the GPU found, when a notebook asks for it (helpers.planning.time_plan.fit_to_gpu;
-    # reading a profile never looks at the hardware); None = as written
+    # and time plans say fit this many hours on the GPU found, when a notebook asks for it
+    # (helpers.planning.time_plan.fit_to_gpu; reading a profile never looks at the hardware); None = as written
     gpu_hours_per_stage: float | None = None
     # the settings the user gave (environment, MMPHI_SETTINGS, SETTINGS), by key: fit_to_gpu never changes these
     pinned: frozenset = frozenset()

@@ -97,8 +97,8 @@ class DemoBackend:
     def __init__(self, model, processor, asr=None, asr_loader=None, max_new_tokens: int = 64,
                  fast: bool | None = None):
         """`asr`: a :class:`helpers.models.asr.Transcriber`; or `asr_loader`, called on the first voice question and
-        returning ``(transcriber or None, reason)``. `fast`: answer through ``helpers.models.fast_generation`` (static KV
-        cache + compiled decoding step, compiled once in the background now); default: on a GPU."""
+        returning ``(transcriber or None, reason)``. `fast`: answer through ``helpers.models.fast_generation`` (static
+        KV cache + compiled decoding step, compiled once in the background now); default: on a GPU."""
         self.model, self.processor = model.eval(), processor
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = max_new_tokens

@@ -161,8 +161,8 @@ def test_4bit_weights_are_smaller_than_bf16(full_plans):
 
 
 def test_a_t4_is_planned_in_fp16_what_the_course_runs_there(full_plans):
-    """A T4 has no native bf16, so the course trains in fp16 there (helpers.models.precision: fp16 autocast, frozen weights
-    in fp16, Phi's attention in fp32): both stages' defaults fit, stage 02's worst case (16 rows of 512 tokens)
+    """A T4 has no native bf16, so the course trains in fp16 there (helpers.models.precision: fp16 autocast, frozen
+    weights in fp16, Phi's attention in fp32): both stages' defaults fit, stage 02's worst case (16 rows of 512 tokens)
     included, because the frozen Phi-2 takes 2 bytes per weight. In fp32, as the course trained on a T4 before, that
     worst case did not fit (Phi-2 alone is 11 GB): still so when asked for explicitly.
     Bug caught: a T4 planned in fp32 or bf16 while the course trains in fp16 there (recipes sized for the wrong
@@ -189,8 +189,8 @@ def test_a_t4_is_planned_in_fp16_what_the_course_runs_there(full_plans):
 def test_gpus_without_native_bf16_are_planned_in_fp16_and_the_others_stay_selectable(gpu):
     """The "auto" plan of a GPU without native bf16 is fp16, as helpers.models.precision.choose decides for the course;
     bf16 and fp32 can still be asked for, anything else is refused.
-    Bug caught: the planner's own rule drifting from helpers.models.precision (the old ``bf16 if native else fp32``, or a
-    V100 entry marked as having native bf16), or the explicit precisions no longer honoured."""
+    Bug caught: the planner's own rule drifting from helpers.models.precision (the old ``bf16 if native else fp32``, or
+    a V100 entry marked as having native bf16), or the explicit precisions no longer honoured."""
     from helpers.models.precision import choose
     from helpers.planning import memory_plan as mp
 

@@ -1,5 +1,5 @@
-"""The precision policy (helpers.models.precision): fp16 where a GPU has no native bf16 (a T4), with Phi's attention scores
-in fp32, so nothing overflows; and training that stops instead of running on when every step is non-finite.
+"""The precision policy (helpers.models.precision): fp16 where a GPU has no native bf16 (a T4), with Phi's attention
+scores in fp32, so nothing overflows; and training that stops instead of running on when every step is non-finite.
 
 The overflow is reproduced on a CPU with a small Phi whose query and key projections are scaled up until q and k
 reach a few hundred, as Phi-2's do: q.k then exceeds fp16's 65,504 wherever the scores are materialised in fp16.

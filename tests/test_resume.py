@@ -16,7 +16,8 @@ steps); resuming with ``ignore_data_skip=True`` or a sampler whose order is not 
 a checkpoint that loses the optimizer or scheduler state (different hashes); a damaged checkpoint used anyway.
 
 This file is also the worker the tests start (``python tests/test_resume.py <stage> ...``): it runs one stage's
-training (the notebook's own cells, run with helpers.course.run_cells) on the tests' small world for 12 steps, checkpointing every 4.
+training (the notebook's own cells, run with helpers.course.run_cells) on the tests' small world for 12 steps,
+checkpointing every 4.
 """
 from __future__ import annotations
 

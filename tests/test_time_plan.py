@@ -146,8 +146,8 @@ def test_plans_order_gpus_and_scale_with_data():
 
 @pytest.mark.parametrize("gpu", ["T4", "V100-16GB"])
 def test_gpus_without_native_bf16_are_priced_in_fp16(gpu):
-    """The "auto" time plan of a GPU without native bf16 is fp16, what helpers.models.precision.choose trains in there, and
-    a T4's or a V100's fp16 tensor cores are in the table (T4: 65 TFLOP/s, V100: 125) beside their fp32 rate; fp32
+    """The "auto" time plan of a GPU without native bf16 is fp16, what helpers.models.precision.choose trains in there,
+    and a T4's or a V100's fp16 tensor cores are in the table (T4: 65 TFLOP/s, V100: 125) beside their fp32 rate; fp32
     and bf16 can still be asked for.
     Bug caught: the old rule (``bf16 if native else fp32``) left in the time plan, or a spec without an fp16 rate
     (fp16 matmuls would then be priced at the emulated bf16 rate, about fp32's)."""

@@ -1,1 +1,2 @@
-"""The models: Phi, CLIP and their LLaVA assembly, the precision policy (device and dtype), generation, and the speech recogniser."""
+"""The models: Phi, CLIP and their LLaVA assembly, the precision policy (device and dtype), generation, and the
+speech recogniser."""

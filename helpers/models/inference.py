@@ -63,8 +63,8 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
 
 def load_assistant(checkpoint):
     """The merged assistant of stage 03 with stock transformers, straight onto the device it runs on, in the
-    course's precision (``helpers.models.precision``: bf16 on GPUs with native bf16, fp16 with fp32 attention scores on a
-    T4, fp32 on a CPU), plus its processor.
+    course's precision (``helpers.models.precision``: bf16 on GPUs with native bf16, fp16 with fp32 attention scores on
+    a T4, fp32 on a CPU), plus its processor.
     Loading with ``device_map`` streams the safetensors shards to the GPU instead of building the model in host
     memory first."""
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -1,8 +1,8 @@
 """How much GPU memory a training stage needs, before renting the GPU.
 
 ``plan_memory(profile, stage, gpu=...)`` builds the stage's model exactly as the course builds it (the same config
-functions, the same freezing, the same LoRA layout as notebook 03's cells), but on PyTorch's ``meta`` device: no memory, no weights,
-only shapes and dtypes. From that model it reads
+functions, the same freezing, the same LoRA layout as notebook 03's cells), but on PyTorch's ``meta`` device: no memory,
+no weights, only shapes and dtypes. From that model it reads
 
 * **parameters** – counted on the instantiated meta model (exact; a test checks them against real models);
 * **weights** – bytes per parameter in the dtype the stage stores it in. 4-bit nf4 weights (bitsandbytes,
@@ -353,8 +353,8 @@ class _CudaSemantics(TorchFunctionMode):
     """Emulates, on meta tensors, what changes memory on a GPU: autocast casts and the SDPA kernel choice.
 
     ``autocast_enabled`` is False inside ``torch.autocast("meta", enabled=False)`` (see :func:`_meta_autocast`): the
-    region where ``helpers.models.precision.fp32_score_attention`` runs SDPA on fp32 copies, as CUDA autocast would leave
-    it. ``fp32_attention`` (a model built with that attention): SDPA is never autocast, whatever dtype q, k, v
+    region where ``helpers.models.precision.fp32_score_attention`` runs SDPA on fp32 copies, as CUDA autocast would
+    leave it. ``fp32_attention`` (a model built with that attention): SDPA is never autocast, whatever dtype q, k, v
     arrive in. That is the policy's promise (attention in fp32); the function itself keeps it for half-precision
     inputs only: in stage 03 the 4-bit layers return fp32 (their input's dtype, after the fp32 layer norm), and for
     fp32 inputs it calls stock SDPA with autocast on, which runs it in fp16. The plan holds the fp32 attention the
@@ -474,7 +474,8 @@ def loss_backward_transient(loss: str, batch_size: int, seq_length: int, vocab: 
     * ``"model"`` (transformers' ForCausalLMLoss over all B x T positions): log-softmax saved its fp32 output in the
       forward (counted with the activations); its backward holds the incoming fp32 gradient and produces another fp32
       B x T x vocab tensor: 2 x 4 bytes per logit;
-    * ``"answer"`` (``helpers.train.training.answer_only_loss``): one chunk of at most ``loss_chunk_tokens`` target rows is
+    * ``"answer"`` (``helpers.train.training.answer_only_loss``): one chunk of at most ``loss_chunk_tokens`` target rows
+    is
       recomputed (bf16 logits freed after their fp32 copy) and differentiated: its saved fp32 log-softmax, the incoming
       and the outgoing fp32 gradient: 3 x 4 bytes per logit of one chunk.
     """
@@ -500,8 +501,8 @@ def training_loss(model, batch_size: int, seq_length: int, autocast_dtype: torch
                   recompute_loss: bool = True) -> torch.Tensor:
     """One training forward with its loss, as the course runs it, on a meta (or real) LLaVA: `batch_size` rows of
     `seq_length` tokens starting with the image placeholders, vision features through the projector
-    (``helpers.train.training.project_cached_features``), autocast in `autocast_dtype` (bf16 or fp16; None = fp32) and the
-    SDPA kernel emulated on meta. The model's own attention implementation runs (the course's fp32-score attention
+    (``helpers.train.training.project_cached_features``), autocast in `autocast_dtype` (bf16 or fp16; None = fp32) and
+    the SDPA kernel emulated on meta. The model's own attention implementation runs (the course's fp32-score attention
     in an fp16 stage model, see :func:`attention_for`).
 
     ``loss="model"``: the model's own loss (labels = input ids, full logits). ``loss="answer"``: the answer-only
@@ -818,13 +819,13 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     what the course does on that GPU (``helpers.models.precision.choose``): bf16 (LLM stored in bf16, Trainer's bf16
     autocast) where the GPU has native bf16; fp16 on a T4 or a V100 (frozen LLM and the 4-bit layers' compute in
     fp16, Trainer's fp16 autocast with a gradient scaler, Phi's attention in fp32 by
-    ``helpers.models.precision.fp32_score_attention``, whose fp32 copies of q, k, v and fp32 output are planned). ``"bf16"``,
-    ``"fp16"`` and ``"fp32"`` can be asked for on any GPU (``MMPHI_PRECISION``). No fp32 master weights in any of
-    them: every trainable parameter is fp32 (the fp16 gradient scaler unscales fp32 gradients in place).
+    ``helpers.models.precision.fp32_score_attention``, whose fp32 copies of q, k, v and fp32 output are planned).
+    ``"bf16"``, ``"fp16"`` and ``"fp32"`` can be asked for on any GPU (``MMPHI_PRECISION``). No fp32 master weights in
+    any of them: every trainable parameter is fp32 (the fp16 gradient scaler unscales fp32 gradients in place).
     ``attention="auto"`` picks the memory-efficient SDPA kernel (fp32 has it on every GPU), or the math kernel for
     bf16 on GPUs without native bf16 (only when bf16 is forced there). ``loss="answer"`` is the course's loss
-    (``helpers.train.training.answer_only_loss``), ``"model"`` the model's own loss over full logits; ``answer_fraction``
-    is the share of positions that are answer tokens (1 = the worst case).
+    (``helpers.train.training.answer_only_loss``), ``"model"`` the model's own loss over full logits;
+    ``answer_fraction`` is the share of positions that are answer tokens (1 = the worst case).
 
     The peak is the larger of two moments of a step (the measured GPU peaks of the course's stages are one or the
     other): the start of the backward pass at the loss, and the backward pass through the decoder layers. See
@@ -889,8 +890,9 @@ def plan_memory(profile="full", stage: str = "instruct", gpu="T4", batch_size: i
     if precision == "bf16" and not card.native_bf16:
         assumptions.append(f"{card.name}: bf16 is emulated (no bf16 tensor cores) and SDPA uses the math kernel")
     if precision == "fp16":
-        assumptions.append("fp16: Phi's attention runs in fp32 (helpers.models.precision.fp32_score_attention): its fp32 "
-                           "copies of q, k, v, fp32 output and bias are kept for the backward; the gradient scaler "
+        assumptions.append("fp16: Phi's attention runs in fp32 (helpers.models.precision.fp32_score_attention): "
+                           "its fp32 copies of q, k, v, fp32 output and bias are kept for the backward; the gradient "
+                           "scaler "
                            "unscales the fp32 gradients in place (no master weights)")
     return MemoryPlan(profile=profile.name, stage=stage_name, gpu=card.name, gpu_gib=card.memory_gib,
                       batch_size=batch_size, seq_length=seq_length, gradient_checkpointing=checkpointing,

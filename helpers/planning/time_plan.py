@@ -1,10 +1,10 @@
 """How long a training stage takes on a given GPU, before renting it: the time plan beside the memory plan.
 
 ``plan_time(profile, stage, gpu=...)`` counts the work of one training micro-step on the stage's model built on
-the ``meta`` device exactly as ``helpers.planning.memory_plan`` builds it (same configs, same 4-bit/LoRA layout, the same
-emulated autocast and attention kernel), in the precision the course trains in on that GPU (``helpers.models.precision``:
-bf16 where the GPU has native bf16, fp16 on a T4 or a V100; ``precision=`` asks for another), then prices it on the
-GPU:
+the ``meta`` device exactly as ``helpers.planning.memory_plan`` builds it (same configs, same 4-bit/LoRA layout, the
+same emulated autocast and attention kernel), in the precision the course trains in on that GPU
+(``helpers.models.precision``: bf16 where the GPU has native bf16, fp16 on a T4 or a V100; ``precision=`` asks for
+another), then prices it on the GPU:
 
 * **counted, not guessed** – one forward with the course's loss and one backward run on meta tensors under a
   ``TorchDispatchMode`` that sees every kernel PyTorch would launch: its FLOPs (PyTorch's own formulas,
@@ -19,8 +19,8 @@ GPU:
   of the GPU's sum and the host's.
 * **fp16 (a T4, a V100)** – the same kernels and bytes as bf16 (2-byte halves), the half-precision matmuls priced at
   the fp16 tensor-core rate, except Phi's attention: the meta model runs it with the course's own function
-  (``helpers.models.precision.fp32_score_attention``, the model's attention implementation as the course builds it), so the
-  counter sees the fp32 copies of q, k and v it makes, and SDPA's forward and backward kernels on fp32 operands:
+  (``helpers.models.precision.fp32_score_attention``, the model's attention implementation as the course builds it), so
+  the counter sees the fp32 copies of q, k and v it makes, and SDPA's forward and backward kernels on fp32 operands:
   priced at the fp32 rate with fp32 bytes, as on the GPU. (One rule is added by hand: in a model built with that
   attention, the emulated autocast never lowers SDPA, because in stage 03 q, k, v reach the function already in
   fp32 from the 4-bit layers and it then leaves SDPA to autocast; see ``memory_plan._CudaSemantics``.) The

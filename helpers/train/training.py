@@ -308,8 +308,8 @@ class StopOnNonFiniteSteps(TrainerCallback):
         if count >= self.limit:
             raise NonFiniteTraining(
                 f"{count} consecutive {what} (up to step {state.global_step}): the model overflows in this "
-                f"precision and is not learning. Check the precision (helpers.models.precision; MMPHI_PRECISION=fp32 to "
-                f"compare) and the learning rate; the last good checkpoint is kept.")
+                f"precision and is not learning. Check the precision (helpers.models.precision; "
+                f"MMPHI_PRECISION=fp32 to compare) and the learning rate; the last good checkpoint is kept.")
 
 
 class CourseTrainer(AtomicCheckpointMixin, Trainer):
