@@ -31,8 +31,9 @@ class MissingStageError(RuntimeError):
     """An earlier stage's output is missing and the profile does not train missing stages on the spot."""
 
 
-STAGE_NOTEBOOKS = {"pretrain": "01_pretrain_phi.ipynb", "vision_tower": "02_projection.ipynb",
-                   "projection": "02_projection.ipynb", "instruct": "03_qlora_instruct.ipynb"}
+# stage -> (the notebook that makes it, the tag of its last cell to run)
+STAGE_NOTEBOOKS = {"pretrain": ("01_pretrain_phi", "evaluate"), "vision_tower": ("02_projection", "vision-tower"),
+                   "projection": ("02_projection", "evaluate"), "instruct": ("03_qlora_instruct", "evaluate")}
 
 
 def stage_time_estimate(profile, stage: str) -> str:
@@ -47,10 +48,12 @@ def stage_time_estimate(profile, stage: str) -> str:
     return f"about {plan.hours:.1f} h on this {gpu} at the current settings (helpers.planning.time_plan)"
 
 
-def train_missing(profile, stage: str, problem: str, run) -> None:
-    """Run `run()` (an earlier stage) when ``profile.train_missing_stages`` allows it; otherwise stop and say what is
-    missing, how long training it would take and how to ask for it."""
-    notebook = STAGE_NOTEBOOKS[stage]
+def train_missing(profile, paths: Paths, stage: str, problem: str) -> None:
+    """Run the notebook that makes `stage` (an earlier stage), here in this process with this profile and output
+    folder, when ``profile.train_missing_stages`` allows it; otherwise stop and say what is missing, how long training
+    it would take and how to ask for it."""
+    name, last_cell = STAGE_NOTEBOOKS[stage]
+    notebook = f"{name}.ipynb"
     estimate = stage_time_estimate(profile, stage)
     if not profile.train_missing_stages:
         raise MissingStageError(
@@ -58,7 +61,7 @@ def train_missing(profile, stage: str, problem: str, run) -> None:
             f"(with the same OUTPUT_DIR), or ask for it explicitly with SETTINGS={{'train_missing_stages': True}} "
             f"(or MMPHI_SETTINGS=train_missing_stages=true).")
     _notice(f"{problem}: running {notebook}'s stage now ({estimate}).")
-    run()
+    run_notebook(name, stop_after=last_cell, PROFILE=profile, OUTPUT_DIR=paths.root.parent)
 
 
 def show_setup(profile, paths: Paths) -> None:
@@ -149,11 +152,6 @@ def drop_pope_images(profile, records, report, where: str, unit: str):
 
 
 # ------------------------------------------------------------------------------------ earlier stages' outputs
-def _run(notebook: str, profile, paths: Paths, stop_after: str = "evaluate"):
-    """Run an earlier stage's notebook here, in this process, with this profile and output folder."""
-    return lambda: run_notebook(notebook, stop_after=stop_after, PROFILE=profile, OUTPUT_DIR=paths.root.parent)
-
-
 def ensure_base_lm(profile, paths: Paths):
     """Where the stage-02 LM comes from: Phi-2 (full: the ``phi2`` source) or notebook 01's LM (tiny), which is run
     first when missing or made with another tokenizer (and the profile allows it, see :func:`train_missing`)."""
@@ -161,11 +159,10 @@ def ensure_base_lm(profile, paths: Paths):
         return model_path(profile, "phi2")
     tok = ensure_tokenizer(profile, paths)
     if not (paths.base_lm / "config.json").exists():
-        train_missing(profile, "pretrain", f"no pretrained base LM at {paths.base_lm}",
-                      _run("01_pretrain_phi", profile, paths))
+        train_missing(profile, paths, "pretrain", f"no pretrained base LM at {paths.base_lm}")
     elif load_tokenizer_vocab(paths.base_lm) != tok.get_vocab():
-        train_missing(profile, "pretrain", f"the base LM at {paths.base_lm} was trained with another tokenizer",
-                      _run("01_pretrain_phi", profile, paths))
+        train_missing(profile, paths, "pretrain",
+                      f"the base LM at {paths.base_lm} was trained with another tokenizer")
     return paths.base_lm
 
 
@@ -194,7 +191,7 @@ def ensure_vision_tower(profile, paths: Paths):
         problem = f"the vision tower at {paths.clip} was built for other settings"
     else:
         return
-    train_missing(profile, "vision_tower", problem, _run("02_projection", profile, paths, "vision-tower"))
+    train_missing(profile, paths, "vision_tower", problem)
 
 
 def ensure_projection(profile, paths: Paths):
@@ -205,12 +202,11 @@ def ensure_projection(profile, paths: Paths):
         problem = f"the stage-02 checkpoint at {paths.projection} was built for other settings"
     else:
         return paths.projection
-    train_missing(profile, "projection", problem, _run("02_projection", profile, paths))
+    train_missing(profile, paths, "projection", problem)
     return paths.projection
 
 
 def ensure_assistant(profile, paths: Paths):
     if not (paths.assistant / "config.json").exists():
-        train_missing(profile, "instruct", f"no stage-03 assistant at {paths.assistant}",
-                      _run("03_qlora_instruct", profile, paths))
+        train_missing(profile, paths, "instruct", f"no stage-03 assistant at {paths.assistant}")
     return paths.assistant

@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.data.chat_template import IMAGE_TOKEN, user_message
@@ -144,19 +144,18 @@ def wer_summary(rows: list[dict]) -> dict:
 
 
 @dataclass
-class StageResult:
-    metrics: dict = field(default_factory=dict)
-    samples: list = field(default_factory=list)
-    objects: dict = field(default_factory=dict)
+class TypedVsSpoken:
+    metrics: dict  # what metrics/04_audio.json holds
+    samples: list  # one row per question: what was heard and asked, both answers
 
 
 def typed_vs_spoken(profile, paths, val_records, model, processor, asr=None, max_questions: int | None = -1,
-                progress: bool = True):
+                    progress: bool = True) -> TypedVsSpoken:
     """Speak, transcribe and answer the held-out questions (of `val_records`, the held-out conversations) with the
     exported assistant (`model`, `processor`); compare with the same questions typed.
 
-    Writes ``metrics/04_audio.json`` and ``metrics/04_spoken_answers.json``. Returns a StageResult whose
-    samples are rows with both answers."""
+    Writes ``metrics/04_audio.json`` and ``metrics/04_spoken_answers.json``. Returns the metrics and
+    the rows with both answers."""
     start = time.perf_counter()
     if max_questions == -1:
         # Profile.n_audio_questions (tiny: all 900 held-out questions, made of a few dozen distinct sentences;
@@ -200,8 +199,7 @@ def typed_vs_spoken(profile, paths, val_records, model, processor, asr=None, max
     }
     reporting.write_metrics(paths.metrics, "04_audio", metrics)
     (paths.metrics / "04_spoken_answers.json").write_text(json.dumps(rows, indent=1, default=str))
-    return StageResult(metrics, samples=rows, objects={"asr": asr, "model": model, "processor": processor,
-                                                       "records": records, "wavs": wavs, "transcripts": transcripts})
+    return TypedVsSpoken(metrics, rows)
 
 
 def plot_typed_vs_spoken(metrics: dict, path=None):
