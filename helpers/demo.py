@@ -24,7 +24,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no calls 
 
 from PIL import Image
 
-from helpers.config import Paths, get_profile
 from helpers.data.chat_template import prompt_for_next_answer, user_message
 from helpers.models import asr as speech
 from helpers.models import fast_generation
@@ -475,25 +474,3 @@ def plot_latency(log: list[TurnLog], path=None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return reporting.save_and_show(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------- app.py
-def main(argv=None):
-    """``python app.py``: the demo as a web app (a Hugging Face Space runs exactly this)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="mmphi demo: ask about an image by text or voice")
-    parser.add_argument("--profile", default=None, help="tiny or full (default: $MMPHI_PROFILE, else tiny)")
-    parser.add_argument("--output", default=None, help="outputs folder (default: $MMPHI_OUTPUT_DIR or ./outputs)")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="0.0.0.0 to serve other machines (Spaces set GRADIO_SERVER_NAME)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--share", action="store_true", help="a temporary public gradio.live link")
-    parser.add_argument("--model", default=None,
-                        help="serve this saved assistant (a folder with a LLaVA checkpoint and its processor, as "
-                             "notebook 03 exports it) instead of the profile's")
-    args = parser.parse_args(argv)
-    profile = get_profile(args.profile)
-    paths = None if args.model else Paths(profile, args.output)
-    backend = DemoBackend.from_profile(profile, paths, checkpoint=args.model)
-    build_app(backend).launch(server_name=args.host, server_port=args.port, share=args.share)

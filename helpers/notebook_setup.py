@@ -57,7 +57,7 @@ def fetch_tree(repo: str, ref: str) -> Path:
     """A shallow copy of `repo` at `ref` (tag, branch or commit) in a temporary folder."""
     tree = scratch()
     for args in (["init", "-q"], ["fetch", "-q", "--depth=1", repo, ref], ["checkout", "-q", "FETCH_HEAD"]):
-        subprocess.run(["git", "-C", str(tree), *args], check=True)
+        subprocess.run(["git", "-C", str(tree), *args], check=True, env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
     return tree
 
 

@@ -181,19 +181,6 @@ def _vision_matches(saved: dict, profile) -> bool:
     return all(saved.get(k) == getattr(profile.vision, k) for k in keys)
 
 
-def ensure_vision_tower(profile, paths: Paths):
-    if profile.clip_checkpoint:
-        return
-    config = paths.clip / "config.json"
-    if not config.exists():
-        problem = f"no vision tower at {paths.clip}"
-    elif not _vision_matches(json.loads(config.read_text()), profile):
-        problem = f"the vision tower at {paths.clip} was built for other settings"
-    else:
-        return
-    train_missing(profile, paths, "vision_tower", problem)
-
-
 def ensure_projection(profile, paths: Paths):
     config = paths.projection / "config.json"
     if not config.exists():

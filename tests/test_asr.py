@@ -142,7 +142,9 @@ def test_spoken_question_is_the_user_turn_of_the_same_template(llava, processor,
     wav = speech.write_wav(tmp_path / "q.wav", tone(220, 1.0, 16_000))
     chat = Assistant(llava, processor, max_new_tokens=4)
     chat.start(Image.new("RGB", (64, 64), (200, 30, 30)))
-    question, answer = speech.ask_spoken(chat, wav, EchoASR(" where is the red circle."))
+    # what notebook 04 does with a spoken question: transcribe, tidy, and ask it like a typed one
+    question = speech.transcript_to_question(EchoASR(" where is the red circle.").transcribe(wav))
+    answer = chat.ask(question)
     assert question == "Where is the red circle?"
     assert chat.history[0] == {"role": "user", "content": "<image>\nWhere is the red circle?"}
     assert chat.history[1] == {"role": "assistant", "content": answer}

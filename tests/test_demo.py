@@ -219,4 +219,4 @@ def test_app_py_serves_the_same_app():
     spec.loader.exec_module(module)  # importing must not launch anything
     from helpers import demo
 
-    assert module.main is demo.main
+    assert module.DemoBackend is demo.DemoBackend and module.build_app is demo.build_app

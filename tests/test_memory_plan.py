@@ -335,3 +335,16 @@ def test_gradient_accumulation_keeps_the_gradients():
     assert many.persistent_bytes - one.persistent_bytes == one.gradient_bytes
     assert many.total_bytes > one.total_bytes
 
+
+
+def test_the_command_line_plan_is_the_notebooks_plan(tmp_path, capsys):
+    """``scripts/plan_memory.py`` prints and writes the plan that ``plan_memory`` makes for the same arguments."""
+    import runpy
+
+    out = tmp_path / "plan.json"
+    script = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "plan_memory.py"))
+    script["main"](["--stage", "projection", "--gpu", "T4", "--batch-size", "4", "--json", str(out)])
+    written = json.loads(out.read_text())
+    expected = plan_memory("full", "projection", gpu="T4", batch_size=4)
+    assert written["total_bytes"] == expected.total_bytes and written["fits"] == expected.fits
+    assert written["batch_size"] == 4 and "T4" in capsys.readouterr().out

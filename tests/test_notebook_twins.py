@@ -48,6 +48,24 @@ def test_each_training_notebook_walks_through_its_stage_in_library_calls(noteboo
         assert sum(tag in t for t in tags) == 1, f"{notebook} needs exactly one cell tagged {tag!r}"
 
 
+# 04 and 05 train nothing; their lesson is loading Whisper and turning a transcript into the user turn (04), and
+# answering from the exported assistant with a streamed generate (05), in calls a learner would write
+SPEECH_AND_DEMO_CALLS = {
+    "04_audio_pipeline": ("WhisperModel(", "whisper.load_model(", "asr.transcribe(", "transcript_to_question(",
+                          "chat.ask(q)", "prompt_for_next_answer("),
+    "05_demo": ("load_assistant(", "prompt_for_next_answer(", "processor(images=", "TextIteratorStreamer(",
+                "target=model.generate", "DemoBackend(model, processor", "build_app(backend)"),
+}
+
+
+@pytest.mark.parametrize("notebook", sorted(SPEECH_AND_DEMO_CALLS))
+def test_speech_and_demo_notebooks_show_their_library_calls(notebook):
+    code = "\n".join(_code(f"{notebook}.ipynb"))
+    for call in SPEECH_AND_DEMO_CALLS[notebook]:
+        assert call in code, f"{notebook} does not show {call}"
+    assert "ask_spoken(" not in code and "DemoBackend.from_profile(" not in code  # no helper hides the lesson
+
+
 def _parse(source: str) -> ast.Module:
     return ast.parse("\n".join(line for line in source.splitlines() if not line.startswith("%")))  # no magics
 

@@ -138,7 +138,8 @@ def test_notebook_opened_alone_installs_the_course_from_its_repository(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("COURSE_")}
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env.update(COURSE_REPO=str(repo), COURSE_REF=ref, TMPDIR=str(scratch))
+    url = f"file://localhost{repo}"  # a local repository as pip's git+ and git both take it
+    env.update(COURSE_REPO=url, COURSE_REF=ref, TMPDIR=str(scratch))
 
     def run(code: str):
         return subprocess.run([str(python), "-c", code], cwd=alone, env=env, capture_output=True, text=True,
@@ -149,7 +150,7 @@ def test_notebook_opened_alone_installs_the_course_from_its_repository(tmp_path)
     script = cell_as_script(alone / "01_pretrain_phi.ipynb") + "\nimport helpers.config; print('HELPERS', helpers.__file__)"
     out = run(script)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"installed mmphi 0.1.0 from {repo} at {ref}" in out.stdout, out.stdout
+    assert f"Course setup: installed the course from {url} at {ref}" in out.stdout, out.stdout
     assert "HELPERS " + site in out.stdout, out.stdout  # installed into the fresh environment, not found elsewhere
     again = run(cell_as_script(alone / "01_pretrain_phi.ipynb"))  # a second run has nothing to do
     assert again.returncode == 0 and "nothing to install" in again.stdout, again.stdout + again.stderr
@@ -178,22 +179,22 @@ def test_setup_script_pieces(tmp_path, monkeypatch):
 
 
 def test_notebook_opened_alone_with_the_placeholder_or_a_bad_repository_says_what_to_do(tmp_path):
-    """Opened alone (no checkout, `helpers` not importable), the first cell stops with what to do instead of a
-    CalledProcessError: for the placeholder repository at once; for a repository git cannot fetch, after git's own
-    message, without waiting for a password (GIT_TERMINAL_PROMPT=0). Catches a setup cell that tracebacks or hangs."""
+    """Opened alone (no checkout, `helpers` not importable, pip there), the first cell stops with what to do instead
+    of a CalledProcessError, for the placeholder repository and for a repository git cannot fetch, after pip's and
+    git's own messages, without waiting for a password (GIT_TERMINAL_PROMPT=0). Catches a setup cell that tracebacks
+    or hangs."""
+    if shutil.which("git") is None:
+        skip_or_fail("git is needed to try fetching from a repository")
+    venv = tmp_path / "venv"  # a Python with pip and nothing else: neither the course nor its dependencies
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     alone = tmp_path / "alone"
     alone.mkdir()
     script = cell_as_script(ROOT / "01_pretrain_phi.ipynb")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("COURSE_")}
-    # -S: no site-packages, so neither the editable course nor anything else is importable ("opened alone")
-    placeholder = subprocess.run([sys.executable, "-S", "-c", script], cwd=alone, env=env, capture_output=True,
-                                 text=True, timeout=60)
-    assert placeholder.returncode == 1 and "course is not published yet" in placeholder.stderr, placeholder.stderr
-    assert "Traceback" not in placeholder.stderr
-    if shutil.which("git") is None:
-        skip_or_fail("git is needed to try fetching from a repository")
-    env.update(COURSE_REPO=str(tmp_path / "no-such-repository"), COURSE_REF="v0")
-    missing = subprocess.run([sys.executable, "-S", "-c", script], cwd=alone, env=env, capture_output=True, text=True,
-                             timeout=60)
-    assert missing.returncode == 1 and "Could not fetch the course from" in missing.stderr, missing.stderr
-    assert "Traceback" not in missing.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("COURSE_")}
+    for repo in (None, f"file://localhost{tmp_path / 'no-such-repository'}"):
+        if repo:
+            env.update(COURSE_REPO=repo, COURSE_REF="v0")
+        out = subprocess.run([str(venv / "bin" / "python"), "-c", script], cwd=alone, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 1 and "Could not install the course from" in out.stderr, out.stderr
+        assert "clone of the whole course" in out.stderr and "Traceback" not in out.stderr, out.stderr

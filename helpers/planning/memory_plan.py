@@ -1,53 +1,16 @@
-"""How much GPU memory a training stage needs, before renting the GPU.
+"""How much GPU memory a training stage needs, before renting the GPU (docs/cost_and_scale.md, section 3).
 
 ``plan_memory(profile, stage, gpu=...)`` builds the stage's model exactly as the course builds it (the same config
-functions, the same freezing, the same LoRA layout as notebook 03's cells), but on PyTorch's ``meta`` device: no memory,
-no weights, only shapes and dtypes. From that model it reads
+functions, freezing and LoRA layout as the notebooks' cells) on PyTorch's ``meta`` device: shapes and dtypes, no
+memory. Parameters are counted on it; weights priced in the dtype each is stored in (4-bit nf4 as bitsandbytes stores
+it, 4.127 bits per weight); trainable parameters (projector, LoRA) are fp32 with two fp32 AdamW states. Activations
+are *measured*: one training forward with the course's loss runs under ``saved_tensors_hooks`` and adds up what
+autograd keeps, with the GPU's mixed precision (autocast's op lists), attention kernel and, in fp16, the course's
+fp32 attention scores (``precision.fp32_score_attention``) emulated on the meta tensors. The peak is the larger of two
+moments (the backward's start at the loss, and the layers' backward), not their sum; a plan *fits* when it plus a
+CUDA context is below the GPU's memory. ``benchmarks/memory_peaks.py`` measures real peaks next to these plans.
 
-* **parameters** – counted on the instantiated meta model (exact; a test checks them against real models);
-* **weights** – bytes per parameter in the dtype the stage stores it in. 4-bit nf4 weights (bitsandbytes,
-  blocksize 64, double quantization) are counted exactly as bitsandbytes stores them: 4 bits per weight, one uint8
-  absmax per 64 weights, one fp32 absmax per 256 of those, plus a 16-entry nf4 code, an offset and a 256-entry
-  code per quantized matrix: 4 + 8/64 + 32/16384 = 4.127 bits per weight (0.516 byte), checked by a test against
-  what bitsandbytes really allocates;
-* **gradients and optimizer state** – trainable parameters are fp32 in both stages (the projector, LoRA adapters);
-  AdamW keeps two fp32 states per trainable parameter; no fp32 master copy is needed because nothing trainable is
-  stored in half precision (the field is there and would be 4 bytes per trainable parameter otherwise);
-* **activations** – *measured*, not guessed: one training forward of the meta model (batch x sequence length, loss
-  included) runs under ``torch.autograd.graph.saved_tensors_hooks`` and adds up every tensor autograd keeps for the
-  backward pass (views and parameters are not counted twice). Because meta tensors have no CUDA semantics, two GPU
-  behaviours are emulated: mixed precision (``Trainer(bf16=True)`` or ``Trainer(fp16=True)`` -> ``torch.autocast``:
-  matmuls in bf16 / fp16, layer norm / softmax / pow / losses in fp32, following PyTorch's autocast op lists; a
-  ``torch.autocast(..., enabled=False)`` region is honoured) and the attention kernel (memory-efficient SDPA keeps
-  q, k, v, the output and a padding bias; where it is unavailable – bf16 forced on a T4 – the math kernel keeps the
-  B x heads x T x T fp32 probabilities). In fp16 (a T4, a V100: ``helpers.models.precision``) the meta model runs Phi's
-  attention with the course's own function, ``precision.fp32_score_attention``: it upcasts q, k and v to fp32
-  copies with autocast off, so SDPA keeps those fp32 copies, its fp32 output and an fp32 bias for the backward
-  (twice the attention's bytes of bf16); everything else holds what bf16 autocast holds. With gradient
-  checkpointing only each decoder layer's input survives the forward pass; one layer is recomputed at a time in
-  the backward pass.
-* **the peak is one moment of the step, not a sum** – measured on an H200, stage 03's peak was the same for both
-  attention kernels (so not inside a layer) and grew by 0.92 GiB per 1024-token row: the moment the backward pass
-  starts at the loss, when everything the layers kept, the fp32 log-softmax the loss saved and the two fp32
-  gradients of the logits exist together. The plan takes the larger of (1) that moment (kept activations + what
-  the loss saved + the loss's backward transient) and (2) the backward through the layers (kept inputs + one
-  recomputed layer + the gradients in flight inside it); adding both, as earlier versions did, over-estimated
-  checkpointed runs by 15-21 % and missed the second fp32 gradient of the logits without checkpointing.
-* **persistent** – weights, AdamW states (they exist from the first optimizer step on, so every later step has
-  them), cuBLAS workspaces and, with gradient accumulation, the gradients (kept between micro-batches).
-* **the loss** – the course computes it at the answer positions only, a chunk of logits at a time
-  (``helpers.train.training.answer_only_loss``): its backward transient is one chunk instead of B x T x vocab fp32
-  gradients. ``loss="model"`` plans the model's own loss (for comparison with earlier measurements).
-
-The total is an estimate of ``torch.cuda.max_memory_allocated()`` (with a 5 % allowance on the step's
-activations); a plan *fits* when it plus a CUDA context of about 0.5 GiB is below the memory the GPU reports.
-``benchmarks/memory_peaks.py --size phi2`` measures real peaks next to these plans over a grid of batch sizes,
-checkpointing on/off, both attention kernels and both losses.
-
-Notebook use::
-
-    from helpers.planning.memory_plan import plan_memory, print_plan
-    print_plan(plan_memory("full", "instruct", gpu="T4"))
+Notebook use: ``print_plan(plan_memory("full", "instruct", gpu="T4"))``; command line: ``scripts/plan_memory.py``.
 """
 from __future__ import annotations
 
@@ -970,47 +933,3 @@ def print_plan(plan: MemoryPlan) -> MemoryPlan:
 def show(profile="full", stage: str = "instruct", gpu="T4", **kwargs) -> MemoryPlan:
     """Plan and print in one call (notebooks): ``show("full", "projection", gpu="T4")``."""
     return print_plan(plan_memory(profile, stage, gpu=gpu, **kwargs))
-
-
-def summary_table(plans: list[MemoryPlan]) -> str:
-    """A markdown table of several plans (docs/cost_and_scale.md is made with it)."""
-    head = ("| stage | GPU | batch x tokens | ckpt | weights | grads + AdamW | activations | loss transient | "
-            "peak est. | + context | fits |")
-    lines = [head, "|" + "---|" * 11]
-    for p in plans:
-        lines.append(
-            f"| {p.stage} | {p.gpu.split(' (')[0]} | {p.batch_size} x {p.seq_length} | "
-            f"{'on' if p.gradient_checkpointing else 'off'} | {p.weights_total / GiB:.2f} | "
-            f"{(p.gradient_bytes + p.optimizer_bytes) / GiB:.2f} | {(p.kept_layer_bytes + p.outside_bytes) / GiB:.2f} | "
-            f"{p.logits_transient_bytes / GiB:.2f} | {p.total_bytes / GiB:.2f} | {p.needed_bytes / GiB:.2f} | "
-            f"{'yes' if p.fits else '**no**'} ({p.headroom_bytes / GiB:+.1f}) |")
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Estimate the GPU memory of a course stage.")
-    parser.add_argument("--profile", default="full")
-    parser.add_argument("--stage", default="instruct", choices=sorted(STAGES))
-    parser.add_argument("--gpu", default="T4", help=f"one of {sorted(GPUS)}")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seq-length", type=int)
-    parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
-    parser.add_argument("--grad-accum", type=int, help="default: the profile's")
-    parser.add_argument("--loss", default="answer", choices=list(LOSSES))
-    parser.add_argument("--attention", default="auto", choices=["auto", "efficient", "math"])
-    parser.add_argument("--json", help="also write the plan as JSON here")
-    args = parser.parse_args(argv)
-    plan = show(args.profile, args.stage, gpu=args.gpu, batch_size=args.batch_size, seq_length=args.seq_length,
-                gradient_checkpointing=False if args.no_checkpointing else None, precision=args.precision,
-                grad_accum=args.grad_accum, loss=args.loss, attention=args.attention)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(plan.to_dict(), f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

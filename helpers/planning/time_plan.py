@@ -1,50 +1,20 @@
-"""How long a training stage takes on a given GPU, before renting it: the time plan beside the memory plan.
+"""How long a training stage takes on a given GPU, before renting it (docs/cost_and_scale.md, section 5).
 
-``plan_time(profile, stage, gpu=...)`` counts the work of one training micro-step on the stage's model built on
-the ``meta`` device exactly as ``helpers.planning.memory_plan`` builds it (same configs, same 4-bit/LoRA layout, the
-same emulated autocast and attention kernel), in the precision the course trains in on that GPU
-(``helpers.models.precision``: bf16 where the GPU has native bf16, fp16 on a T4 or a V100; ``precision=`` asks for
-another), then prices it on the GPU:
+``plan_time(profile, stage, gpu=...)`` runs one training micro-step of the stage's meta model (the memory plan's, in
+the precision the course trains in on that GPU, ``helpers.models.precision``) under a ``TorchDispatchMode`` that
+sees every kernel PyTorch would launch, with its FLOPs (``torch.utils.flop_counter``) and bytes; bitsandbytes'
+dequantization of each 4-bit weight before each use is added. Each kernel is priced by a roofline (FLOPs at the
+dtype's peak, bytes at the bandwidth, at efficiencies calibrated on H200 step times: ``CALIBRATION_POINTS``), and a
+step takes the longer of the GPU's sum and the host's cost of issuing the kernels. Padding is simulated on the data's
+length distribution (the real one, or an assumed one that the plan prints). Every GPU but the H200 is *assumed* to
+reach the same fractions of its own peaks.
 
-* **counted, not guessed** – one forward with the course's loss and one backward run on meta tensors under a
-  ``TorchDispatchMode`` that sees every kernel PyTorch would launch: its FLOPs (PyTorch's own formulas,
-  ``torch.utils.flop_counter``, the ones ``FlopCounterMode`` uses; a test checks them against a hand count of one
-  Phi decoder layer) and the bytes it reads and writes. Gradient checkpointing adds the layers' forward once more.
-  bitsandbytes dequantizes each 4-bit weight before every matmul that uses it (forward, backward, recomputation):
-  0.516 byte read and 2 written per weight each time.
-* **a roofline per kernel** – a kernel takes the longer of its FLOPs at the GPU's peak for its operands' dtype
-  (bf16 or fp16 tensor cores; the fp32 rate for fp32 matmuls; bf16 on a T4 or a V100, which have no bf16 tensor
-  cores, at about the fp32 rate) and its bytes at the GPU's memory bandwidth, each at a calibrated efficiency, and at
-  least a few microseconds. The host must also issue every kernel (Python, autograd, peft): a step takes the longer
-  of the GPU's sum and the host's.
-* **fp16 (a T4, a V100)** – the same kernels and bytes as bf16 (2-byte halves), the half-precision matmuls priced at
-  the fp16 tensor-core rate, except Phi's attention: the meta model runs it with the course's own function
-  (``helpers.models.precision.fp32_score_attention``, the model's attention implementation as the course builds it), so
-  the counter sees the fp32 copies of q, k and v it makes, and SDPA's forward and backward kernels on fp32 operands:
-  priced at the fp32 rate with fp32 bytes, as on the GPU. (One rule is added by hand: in a model built with that
-  attention, the emulated autocast never lowers SDPA, because in stage 03 q, k, v reach the function already in
-  fp32 from the 4-bit layers and it then leaves SDPA to autocast; see ``memory_plan._CudaSemantics``.) The
-  calibration below applies unchanged (it was fitted on an H200 in bf16): a T4's or a V100's fp16 figures are a
-  plan on the same assumed fractions of their peaks, not a measurement.
-* **calibrated on measurements** – the efficiencies and the host's cost per kernel are fitted to the step times
-  measured on an H200 with the course's own code (``CALIBRATION_POINTS``, written out below); the fit
-  reproduces them within ~15 %. Every other GPU is *assumed* to reach the same fractions of its own peaks (the
-  printed plan says so); a GPU measurement of ``benchmarks/qlora_step.py`` on it replaces the assumption.
-* **the data** – micro-batches are padded to their longest row. With length-balanced micro-batches (the course's
-  stage 03) a micro-batch holds rows of similar length; with random ones (the plain way) each is padded to the
-  longest of its rows. Both are simulated on the data's length distribution: the real one when the data set is
-  given, else an assumed one (printed).
+``recipe_for_gpu(profile, gpu)`` / ``fit_to_gpu(profile)`` choose each stage's micro-batch, accumulation (same
+effective batch), checkpointing (only when memory needs it) and amount of data so that a stage fits a time budget
+(2 h by default), with a sentence saying why; ``eta_callback`` shows planned and measured seconds per step and the ETA.
 
-``recipe_for_gpu(profile, gpu)`` chooses each stage's micro-batch, gradient accumulation (same effective batch),
-checkpointing (only when memory needs it) and amount of data so that a stage fits a time budget (2 h on a Colab
-T4 by default), with a sentence saying why. :class:`EtaCallback` shows the planned and the measured seconds per step
-and the ETA while a stage trains.
-
-Notebook use::
-
-    from helpers.planning import time_plan
-    time_plan.show("full", "instruct", gpu="T4")          # memory plan + time plan
-    print(time_plan.time_table("full"))                     # every stage on every GPU
+Notebook use: ``time_plan.show("full", "instruct", gpu="T4")`` (memory + time plan); ``print(time_plan.time_table(
+"full"))`` (every stage on every GPU).
 """
 from __future__ import annotations
 

@@ -62,12 +62,3 @@ def show_table(rows: list[dict], columns: list[str] | None = None, max_rows: int
     except ImportError:  # pragma: no cover
         for r in rows:
             print(" | ".join(str(r.get(c, "")) for c in columns))
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
