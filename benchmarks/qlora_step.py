@@ -12,7 +12,10 @@ gradient clipping, as Trainer runs it:
 * new : the same optimizer batch cut into length-balanced micro-batches by transformers' BatchRebalanceSampler, the
         micro-batch chosen by ``helpers.planning.time_plan.recipe_for_gpu`` for this GPU (the largest the memory planner
         says fits, checkpointing only when needed), the answer-only chunked loss
-        (``helpers.train.training.answer_only_loss``).
+        (``helpers.train.training.answer_only_loss``);
+* fused (``--ways old,new,fused``; a GPU with ``liger-kernel``): the new way with the answer positions' LM head and
+        cross-entropy in one fused kernel (liger's ``LigerFusedLinearCrossEntropyLoss``: no logits kept at all), at
+        the new way's micro-batch or ``--fused-batch`` (the micro-batch the memory it frees allows).
 
 It prints seconds per optimizer step, real and padded tokens per second, MFU (6 x LM parameters x real tokens over
 the GPU's bf16 peak), the peak ``torch.cuda.max_memory_allocated`` next to the memory planner's figure for the
@@ -80,8 +83,9 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
             # as in the course: the projector runs outside autocast (accelerate wraps only model.forward)
             b["mm_encoder_outputs"] = project_cached_features(model, features)
             with autocast:
-                if way["loss"] == "answer":
-                    loss, _ = answer_only_loss(model, b, torch.tensor(num_items, device=device))
+                if way["loss"] in ("answer", "fused"):
+                    loss, _ = answer_only_loss(model, b, torch.tensor(num_items, device=device),
+                                               loss_sum=fused_cross_entropy_sum() if way["loss"] == "fused" else None)
                 else:
                     loss = model(**b, use_cache=False, num_items_in_batch=torch.tensor(num_items, device=device)).loss
             scaler.scale(loss).backward()
@@ -135,8 +139,10 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
     largest = max(all_micro, key=lambda mb: len(mb) * max(lengths[i] for i in mb))
     rows, length = len(largest), max(lengths[i] for i in largest)
     try:
+        # the planners know the chunked answer-only loss; the fused one holds less, so its plan is an upper bound
         mem = plan_memory(profile, "instruct", gpu=memory_gpu, batch_size=rows, seq_length=length,
-                          gradient_checkpointing=way["checkpointing"], grad_accum=way["grad_accum"], loss=way["loss"],
+                          gradient_checkpointing=way["checkpointing"], grad_accum=way["grad_accum"],
+                          loss=planned_loss(way),
                           attention="efficient" if device.type == "cuda" and getattr(memory_gpu, "native_bf16", False)
                           else "auto")
         out["planned_peak_gib"] = mem.total_bytes / 2 ** 30
@@ -148,7 +154,7 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
         try:
             data = DataShape(tuple(lengths), way["answer_fraction"], "the benchmark's examples", measured=True)
             t = plan_time(profile, "instruct", gpu_spec, batch_size=way["batch_size"], grad_accum=way["grad_accum"],
-                          gradient_checkpointing=way["checkpointing"], loss=way["loss"], balanced=way["balanced"],
+                          gradient_checkpointing=way["checkpointing"], loss=planned_loss(way), balanced=way["balanced"],
                           data=data, n_examples=len(steps_indices[0]), max_steps=1)
             out["planned_s_per_step"] = t.step_seconds
         except Exception as exc:
@@ -156,6 +162,29 @@ def run_way(name, model, examples, steps_indices, way, device, dtype, profile, d
             out["time_plan_error"] = f"{type(exc).__name__}: {exc}"
     del optimizer
     return out
+
+
+def planned_loss(way) -> str:
+    return "answer" if way["loss"] == "fused" else way["loss"]
+
+
+def fused_cross_entropy_sum():
+    """liger-kernel's fused linear cross-entropy as ``answer_only_loss``'s `loss_sum` (Triton: CUDA only). Its
+    chunks compute the logits, their softmax gradient and the head's gradient in one pass and keep no logits."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as exc:
+        raise RuntimeError(f"the fused way needs liger-kernel on a CUDA GPU ({exc})") from None
+    fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def loss_sum(lm_head, hidden, targets):
+        if hidden.shape[0] == 0:
+            return hidden.sum() * 0.0
+        weight = lm_head.weight
+        return fused(weight, hidden.to(weight.dtype), targets,
+                     lm_head.bias.to(weight.dtype) if lm_head.bias is not None else None)
+
+    return loss_sum
 
 
 def choose_new_way(profile, device, effective, lengths, answer_fraction, gpu_spec, args):
@@ -193,7 +222,8 @@ def main(argv=None):
     parser.add_argument("--new-batch", type=int, help="the new way's micro-batch (default: recipe_for_gpu on a "
                         "GPU, 8 for tiny)")
     parser.add_argument("--new-checkpointing", choices=["auto", "on", "off"], default="auto")
-    parser.add_argument("--ways", default="old,new")
+    parser.add_argument("--fused-batch", type=int, help="the fused way's micro-batch (default: the new way's)")
+    parser.add_argument("--ways", default="old,new", help="old, new, fused (comma-separated)")
     parser.add_argument("--as-gpu", help="plan and cap memory as on this GPU of helpers.planning.time_plan.GPU_SPECS "
                         "(e.g. T4): the new way takes that GPU's recipe, and the process may allocate only that GPU's "
                         "memory "
@@ -253,6 +283,11 @@ def main(argv=None):
                             answer_fraction=answer_fraction),
                 "new": dict(batch_size=new_batch, grad_accum=effective // new_batch, checkpointing=new_ckpt,
                             loss="answer", balanced=True, answer_fraction=answer_fraction)}
+        fused_batch = args.fused_batch or new_batch
+        while effective % fused_batch:
+            fused_batch //= 2
+        ways["fused"] = dict(ways["new"], batch_size=fused_batch, grad_accum=max(1, effective // fused_batch),
+                             loss="fused")
         result["new_way_chosen"] = why
         for name in [w.strip() for w in args.ways.split(",") if w.strip()]:
             if deadline.expired(reserve=20):
@@ -308,6 +343,11 @@ def report(result, info, args):
         result["same_loss"] = same
         print(f"new / old: {speedup:.2f}x faster per optimizer step (same examples; losses "
               f"{'agree' if same else 'DIFFER'} within 2 %)")
+    if "new" in by and "fused" in by:
+        result["fused_speedup"] = by["new"]["s_per_step"] / by["fused"]["s_per_step"]
+        result["fused_same_loss"] = same_losses(by["new"]["losses"], by["fused"]["losses"])
+        print(f"fused / new: {result['fused_speedup']:.2f}x per optimizer step, peak {by['fused']['peak_gib']} vs "
+              f"{by['new']['peak_gib']} GiB (losses {'agree' if result['fused_same_loss'] else 'DIFFER'} within 2 %)")
     for note in result["notes"]:
         print(f"note: {note}")
     if result.get("error"):

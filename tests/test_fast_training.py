@@ -54,6 +54,17 @@ def test_answer_only_loss_equals_the_models_loss_and_gradient(llava, tok, instru
         torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
         for a, b in zip(new_grads, old_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        # another cross-entropy sum (the hook a fused kernel plugs into) gets exactly the answer positions
+        seen = []
+
+        def whole_sum(head, hidden, targets):
+            seen.append(targets.numel())
+            return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+        inputs["mm_encoder_outputs"] = project_cached_features(model, batch["vision_features"])
+        other, _ = answer_only_loss(model, inputs, num_items, loss_sum=whole_sum)
+        assert seen == [n]
+        torch.testing.assert_close(other, old, rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_cross_entropy_matches_one_piece():

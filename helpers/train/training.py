@@ -236,7 +236,8 @@ def answer_targets(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return hidden[:, :-1][keep], shifted[keep]
 
 
-def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens: int | None = None):
+def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens: int | None = None,
+                     loss_sum=None):
     """The model's causal-LM loss, computed only where it is defined and without the full logits.
 
     The LLaVA forward runs as usual (inside the wrapped model, so DDP and mixed precision see it) but is asked for
@@ -244,7 +245,10 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens:
     from a forward hook; the LM head and the cross-entropy then run on the answer positions alone, a chunk at a time
     (:func:`chunked_cross_entropy_sum`). The result equals transformers' ForCausalLMLoss (sum over answer tokens
     divided by `num_items_in_batch`, or by this batch's answer tokens when it is None), so Trainer's gradient
-    accumulation treats it exactly as before. Returns (loss, number of answer tokens in this batch)."""
+    accumulation treats it exactly as before. Returns (loss, number of answer tokens in this batch).
+
+    `loss_sum(lm_head, hidden, targets)`: another way to sum the cross-entropy of the answer positions (for example a
+    fused linear cross-entropy kernel, ``benchmarks/qlora_step.py --ways fused``); default the chunked one."""
     llava = _llava_of(model)
     inputs = dict(inputs)
     labels = inputs.pop("labels")
@@ -265,7 +269,8 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens:
     hidden, targets = answer_targets(captured["hidden"], labels.to(captured["hidden"].device))
     kind, enabled, dtype = captured["autocast"]
     with torch.autocast(kind, dtype=dtype, enabled=enabled):  # the LM head as the model's own loss would run it
-        total = chunked_cross_entropy_sum(llava.lm_head, hidden, targets, chunk_tokens)
+        total = (loss_sum(llava.lm_head, hidden, targets) if loss_sum is not None
+                 else chunked_cross_entropy_sum(llava.lm_head, hidden, targets, chunk_tokens))
     n = targets.numel()
     if num_items_in_batch is None:
         return total / max(n, 1), n
