@@ -248,7 +248,8 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens:
     accumulation treats it exactly as before. Returns (loss, number of answer tokens in this batch).
 
     `loss_sum(lm_head, hidden, targets)`: another way to sum the cross-entropy of the answer positions (for example a
-    fused linear cross-entropy kernel, ``benchmarks/qlora_step.py --ways fused``); default the chunked one."""
+    fused linear cross-entropy kernel, ``benchmarks/qlora_step.py --ways fused``), called only when there is at least
+    one answer position; default the chunked one."""
     llava = _llava_of(model)
     inputs = dict(inputs)
     labels = inputs.pop("labels")
@@ -269,8 +270,12 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens:
     hidden, targets = answer_targets(captured["hidden"], labels.to(captured["hidden"].device))
     kind, enabled, dtype = captured["autocast"]
     with torch.autocast(kind, dtype=dtype, enabled=enabled):  # the LM head as the model's own loss would run it
-        total = (loss_sum(llava.lm_head, hidden, targets) if loss_sum is not None
-                 else chunked_cross_entropy_sum(llava.lm_head, hidden, targets, chunk_tokens))
+        if loss_sum is None:
+            total = chunked_cross_entropy_sum(llava.lm_head, hidden, targets, chunk_tokens)
+        elif targets.numel() == 0:  # as chunked_cross_entropy_sum: a zero that still connects to the graph
+            total = hidden.sum() * 0.0
+        else:
+            total = loss_sum(llava.lm_head, hidden, targets)
     n = targets.numel()
     if num_items_in_batch is None:
         return total / max(n, 1), n
