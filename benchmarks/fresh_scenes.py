@@ -4,8 +4,9 @@ For each run folder of ``benchmarks/seeds.py`` (``<output>/world<W>_seed<S>``, w
 ``tiny/`` outputs) the merged stage-03 assistant answers two sets of fresh scenes of the run's world, drawn from
 seed streams of their own (``world_seed * 1000 + 55`` and ``+ 77``; the course uses ``+ 1`` to ``+ 4``):
 
-* **all types**: 300 scenes with 3-turn conversations, every question type equally likely (as the held-out split);
-* **yes/no colour, every pair**: 150 scenes, each asked about every colour of the world ("Is the colour red?" in
+* **all types**: 300 scenes with 3-turn conversations, every question type equally likely (as the held-out split),
+  with the run's share of two-kind scenes and their binding questions;
+* **yes/no colour, every pair**: 150 one-kind scenes, each asked about every colour of the world ("Is the colour red?" in
   the world's wording), so a colour pair the model confuses shows up whole instead of as a few held-out misses.
 
 The held-out split is never read: this is the set to judge recipe changes on.
@@ -29,7 +30,7 @@ ALL_TYPES_SCENES, ALL_TYPES_STREAM = 300, 55
 PAIRS_SCENES, PAIRS_STREAM = 150, 77
 
 
-def all_types_records(world_seed: int, folder: Path):
+def all_types_records(world_seed: int, folder: Path, two_kind_share: float = 0.0):
     from helpers.config import TINY
     from helpers.data.multimodal_data import read_llava_instruct
     from helpers.data.world import WorldFiles, vocabulary, write_split
@@ -37,7 +38,7 @@ def all_types_records(world_seed: int, folder: Path):
     files = WorldFiles(folder)
     if not files.instruct("val").exists():
         write_split(files, "val", ALL_TYPES_SCENES, world_seed * 1000 + ALL_TYPES_STREAM, TINY.world.image_size,
-                    TINY.world.turns_per_conversation, False, vocabulary(world_seed))
+                    TINY.world.turns_per_conversation, False, vocabulary(world_seed, two_kind_share))
     return read_llava_instruct(files.instruct("val"), files.images("val"))[0]
 
 
@@ -70,9 +71,11 @@ def colour_pair_records(world_seed: int, folder: Path):
 def check_run(run: Path, cache: Path) -> dict:
     from helpers.models.inference import evaluate_conversations, load_assistant
 
-    world_seed = json.loads((run / "result.json").read_text())["world_seed"]
+    result = json.loads((run / "result.json").read_text())
+    world_seed, share = result["world_seed"], result.get("world", {}).get("two_kind_share", 0.0)
     model, processor = load_assistant(run / "tiny" / "03_qlora_instruct" / "merged")
-    everything = evaluate_conversations(model, processor, all_types_records(world_seed, cache / f"w{world_seed}-all"),
+    all_types = cache / (f"w{world_seed}-all" if not share else f"w{world_seed}-two-kinds-{share:g}-all")
+    everything = evaluate_conversations(model, processor, all_types_records(world_seed, all_types, share),
                                         progress=False)
     records, pairs = colour_pair_records(world_seed, cache / f"w{world_seed}-pairs")
     colour = evaluate_conversations(model, processor, records, progress=False)

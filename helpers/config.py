@@ -84,6 +84,9 @@ class WorldSpec:
     # how often each base question type is drawn in the *training* data (corpus and training conversations):
     # ((type, weight), ...); None = equally often. The held-out split always draws every type equally often.
     train_type_weights: tuple[tuple[str, float], ...] | None = None
+    # the share of scenes with two kinds of object and the binding questions about them (helpers.data.world);
+    # 0 = every scene one kind, the shipped tiny world until its recipe meets every bar (issue 22, docs/seeds.md)
+    two_kind_share: float = 0.0
 
 
 @dataclass(frozen=True)

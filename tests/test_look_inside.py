@@ -63,3 +63,46 @@ def test_speech_view_shows_whispers_own_features():
     tone = np.sin(np.linspace(0, 2000 * np.pi, 16000)).astype(np.float32)  # one second
     assert look_inside.log_mel(tone).shape == (80, 100)  # 80 mel bins, 10 ms frames
     assert look_inside.plot_speech(tone, 16000, "a tone") == (80, 100)
+
+
+def test_grounding_view_reads_the_attention_of_the_position_that_starts_the_answer(saved_llava, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from helpers.data.chat_template import prompt_for_next_answer
+    from helpers.data.multimodal_data import Record
+
+    model = LlavaForConditionalGeneration.from_pretrained(saved_llava, attn_implementation="sdpa").eval()
+    eager = LlavaForConditionalGeneration.from_pretrained(saved_llava, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(saved_llava)
+    image = Image.new("RGB", (64, 64), (200, 20, 20))
+    prompt = prompt_for_next_answer([], "What colour is the square?")
+    grid = look_inside.image_attention(model, processor, image, prompt)
+    assert model.config._attn_implementation == "sdpa"  # the view puts the fast kernel back
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions
+    on_image = (inputs["input_ids"][0] == eager.config.image_token_id).nonzero().flatten()
+    expected = torch.stack([a[0, :, -1, on_image] for a in attentions]).mean(dim=(0, 1))
+    assert grid.shape == (2, 2) and torch.allclose(grid.flatten(), expected, atol=1e-6)
+    assert 0 < float(grid.sum()) < 1  # the rest of the attention is on the text
+
+    image.save(tmp_path / "a.jpg")
+    rows = [{"image": "a.jpg", "turn": 1, "type": "place", "question": "What is in the top left cell?",
+             "expected": "red square", "predicted": "blue circle", "correct": False},
+            {"image": "a.jpg", "turn": 0, "type": "colour", "question": "What colour is the square?",
+             "expected": "red", "predicted": "blue", "correct": False},
+            {"image": "a.jpg", "turn": 0, "type": "place", "question": "What is in the top left cell?",
+             "expected": "red square", "predicted": "red square", "correct": True},
+            {"image": "a.jpg", "turn": 0, "type": "attribute", "question": "What colour is the square?",
+             "expected": "red", "predicted": "blue", "correct": False}]
+    cases = look_inside.grounding_cases(rows, [Record(tmp_path / "a.jpg", [])], prefer_types=("place", "attribute"))
+    assert [(c["question"], c["predicted"]) for c in cases] == [("What is in the top left cell?", "red square"),
+                                                                ("What colour is the square?", "blue")]
+    assert cases[0]["prompt"] == prompt_for_next_answer([], "What is in the top left cell?")
+    shown = look_inside.show_grounding(model, processor, cases, path=tmp_path / "g.png")
+    assert [s["right"] for s in shown] == [True, False] and (tmp_path / "g.png").exists()
+    assert abs(sum(map(sum, shown[0]["grid"])) - 1) < 1e-5

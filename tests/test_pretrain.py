@@ -52,11 +52,11 @@ def test_split_is_disjoint_and_complete(tok):
 
 
 def test_text_probes_describe_a_scene_then_ask_one_question_per_type():
-    from helpers.data.world import CAPTION_REQUEST, QUESTION_TYPES, described_questions
+    from helpers.data.world import CAPTION_REQUEST, ONE_KIND_TYPES, described_questions
 
     probes = described_questions(30, seed=4)
     assert probes == described_questions(30, seed=4)  # deterministic
-    assert {p["type"] for p in probes} == set(QUESTION_TYPES) - {"follow-up"}
+    assert {p["type"] for p in probes} == set(ONE_KIND_TYPES)  # the default world: one kind per scene
     for p in probes:
         request, described, question = p["messages"]
         assert request == {"role": "user", "content": CAPTION_REQUEST}

@@ -1,19 +1,25 @@
 """The synthetic world of the tiny profile: coloured shapes on a 2x2 grid.
 
-Every scene shows 1-3 copies of one shape in one colour, each copy in its own grid cell. From a scene the module
-derives everything the course needs, in the real data sets' formats:
+A scene of *one kind* shows 1-3 copies of one shape in one colour, each copy in its own grid cell. A scene of *two
+kinds* (a share of the scenes set by ``Vocabulary.two_kind_share``) shows two different objects (another colour,
+another shape, or both) in two cells, sometimes with a second copy of one of them. From a scene the module derives
+everything the course needs, in the real data sets' formats:
 
 * an image (JPEG, like COCO's),
 * captions (COCO 2017 captions JSON),
 * multi-turn conversations whose short answers can be scored exactly (LLaVA-Instruct JSON with ``<image>``):
-  colour, shape, position, count, yes/no, and follow-ups that refer to the previous turn,
+  colour, shape, position, count, yes/no, and follow-ups that refer to the previous turn; on two-kind scenes the
+  *binding* types, which need the right object found first: attribute ("What colour is the square?"), place
+  ("Where is the red square?", "What is in the top left cell?"), relation ("Is the red square left of the blue
+  circle?", "What is above the blue circle?"), kind count ("How many red objects are there?") and binding yes/no
+  ("Is there a red circle?" when a red square and a blue circle are shown),
 * a plain-text pretraining corpus (dialogues that describe a scene, then answer questions about it).
 
-Why one kind of object per scene: with several differently coloured objects, nearly every question needs two
-hops of attention (find the object the question names, then read its attribute). Within the tiny budget that
-world stayed at 55-62% held-out accuracy, even with perfect symbolic image features (measured with an earlier
-stage-01 LM that had not yet learned to read its context, see ``pretrain.pack_documents``). Scenes of one kind
-keep colour, shape, count and position questions answerable with one look at the image tokens.
+Why two kinds are a share of the scenes, off in the shipped tiny profile (``WorldSpec.two_kind_share``): with
+several differently coloured objects, nearly every question needs two hops of attention (find the object the
+question names, then read its attribute). An early two-kind world stayed at 55-62 % held-out accuracy, measured
+with a stage-01 LM that had not yet learned to read its context (see ``pretrain.pack_documents``); issue 22 measures
+it again (docs/seeds.md).
 
 All of it is deterministic from a seed; the held-out split uses a disjoint seed stream and is never trained on.
 """
@@ -39,7 +45,9 @@ COLOURS = {  # world 0's objects (the default world)
 SHAPES = ("circle", "square", "triangle")
 CELLS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = {0: "zero", 1: "one", 2: "two", 3: "three", 4: "four"}
-QUESTION_TYPES = ("colour", "shape", "position", "count", "yes/no", "follow-up")
+ONE_KIND_TYPES = ("colour", "shape", "position", "count", "yes/no")
+BINDING_TYPES = ("attribute", "place", "relation", "kind count", "binding yes/no")  # two-kind scenes only
+QUESTION_TYPES = ONE_KIND_TYPES + BINDING_TYPES + ("follow-up",)
 CAPTION_REQUEST = "Describe the image briefly."
 
 # The pools another world draws its objects from (world 0 keeps COLOURS/SHAPES above). Colours are far apart in
@@ -81,7 +89,20 @@ TEMPLATES = {
     "follow_count": ("And how many are there?", "And how many of them are there?", "And how many can you see?"),
     "follow_colour_one": ("And what colour is it?", "And which colour is it?", "And what is its colour?"),
     "follow_colour_many": ("And what colour are they?", "And which colour are they?", "And what is their colour?"),
+    # two-kind scenes (drawn after the slots above, so another world's wording of those stays what it was)
+    "caption_part_one": ("{number} {colour} {shape} at {cells}", "{number} {colour} {shape} in {cells}"),
+    "caption_part_many": ("{number} {colour} {shapes} at {cells}", "{number} {colour} {shapes} in {cells}"),
+    "caption_two": ("{first}, and {second}.", "{first}; {second}."),
+    "in_cell": ("What is in the {cell} cell?", "What can you see in the {cell} cell?", "What is in the {cell}?"),
+    "yn_left": ("Is the {thing} left of the {other}?", "Is the {thing} to the left of the {other}?"),
+    "yn_above": ("Is the {thing} above the {other}?", "Is the {thing} higher than the {other}?"),
+    "what_left": ("What is left of the {thing}?", "What is to the left of the {thing}?"),
+    "what_above": ("What is above the {thing}?", "What is over the {thing}?"),
+    "count_colour": ("How many {colour} objects are there?", "How many {colour} things are there?",
+                     "How many {colour} objects can you see?"),
+    "yn_thing": ("Is there a {colour} {shape}?", "Do you see a {colour} {shape}?", "Is there any {colour} {shape}?"),
 }
+NOTHING = "nothing"  # the answer about an empty cell
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,7 @@ class Vocabulary:
     colours: tuple[tuple[str, tuple[int, int, int]], ...]
     shapes: tuple[str, ...]
     templates: tuple[tuple[str, str], ...]  # (slot, template)
+    two_kind_share: float = 0.0  # how many scenes show two kinds of object (0: every scene one kind)
 
     @property
     def colour_names(self) -> tuple[str, ...]:
@@ -112,13 +134,15 @@ def plural(shape: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def vocabulary(world_seed: int = 0) -> Vocabulary:
+def vocabulary(world_seed: int = 0, two_kind_share: float = 0.0) -> Vocabulary:
     """The objects and wording of world `world_seed`. World 0 is the course's default world (COLOURS, SHAPES and
     the first template of each slot); any other seed draws 4 colours, 3 shapes and one template per slot from the
-    pools, never all of them equal to world 0's."""
+    pools, never all of them equal to world 0's. `two_kind_share`: the share of scenes with two kinds of object."""
+    if not 0.0 <= two_kind_share <= 1.0:
+        raise ValueError(f"two_kind_share must be between 0 and 1, not {two_kind_share!r}")
     if world_seed == 0:
         return Vocabulary(0, tuple(COLOURS.items()), SHAPES,
-                          tuple((slot, variants[0]) for slot, variants in TEMPLATES.items()))
+                          tuple((slot, variants[0]) for slot, variants in TEMPLATES.items()), two_kind_share)
     rng = random.Random(f"mmphi world {world_seed}")
     while True:
         colours = rng.sample(sorted(COLOUR_POOL), len(COLOURS))
@@ -126,7 +150,13 @@ def vocabulary(world_seed: int = 0) -> Vocabulary:
         if set(colours) != set(COLOURS) and set(shapes) != set(SHAPES):
             break
     templates = tuple((slot, rng.choice(variants)) for slot, variants in TEMPLATES.items())
-    return Vocabulary(world_seed, tuple((c, COLOUR_POOL[c]) for c in colours), tuple(shapes), templates)
+    return Vocabulary(world_seed, tuple((c, COLOUR_POOL[c]) for c in colours), tuple(shapes), templates,
+                      two_kind_share)
+
+
+def world_vocabulary(spec) -> Vocabulary:
+    """The vocabulary of a ``WorldSpec``: its world seed's objects and wording, and its share of two-kind scenes."""
+    return vocabulary(spec.world_seed, spec.two_kind_share)
 
 
 DEFAULT_VOCABULARY = vocabulary(0)
@@ -142,6 +172,10 @@ class Thing:
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def kind(self) -> tuple[str, str]:
+        return self.colour, self.shape
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -150,12 +184,26 @@ class Scene:
     def by_cell(self) -> list[Thing]:
         return sorted(self.things, key=lambda t: CELLS.index(t.cell))
 
+    def kinds(self) -> list[tuple[str, str]]:
+        """The (colour, shape) kinds shown, in the order of their first cell."""
+        return list(dict.fromkeys(t.kind for t in self.by_cell()))
+
     @property
-    def colour(self) -> str:
+    def two_kinds(self) -> bool:
+        return len(self.kinds()) > 1
+
+    def of_kind(self, kind: tuple[str, str]) -> list[Thing]:
+        return [t for t in self.by_cell() if t.kind == kind]
+
+    def at(self, cell: str) -> Thing | None:
+        return next((t for t in self.things if t.cell == cell), None)
+
+    @property
+    def colour(self) -> str:  # of a one-kind scene
         return self.things[0].colour
 
     @property
-    def shape(self) -> str:
+    def shape(self) -> str:  # of a one-kind scene
         return self.things[0].shape
 
     def to_dict(self) -> dict:
@@ -167,9 +215,25 @@ class Scene:
 
 
 def sample_scene(rng: random.Random, vocab: Vocabulary = DEFAULT_VOCABULARY) -> Scene:
+    if vocab.two_kind_share and rng.random() < vocab.two_kind_share:  # no draw at all in a one-kind world
+        return _two_kind_scene(rng, vocab)
     n = rng.randint(1, 3)
     colour, shape = rng.choice(list(vocab.colour_names)), rng.choice(vocab.shapes)
     return Scene(tuple(Thing(colour, shape, cell) for cell in rng.sample(CELLS, n)))
+
+
+def _two_kind_scene(rng: random.Random, vocab: Vocabulary) -> Scene:
+    """Two different objects (another colour, another shape, or both, equally often), one copy each; a third of
+    the time a second copy of one of them. Every object in its own cell."""
+    differ = rng.choice(("colour", "shape", "both"))
+    c1, s1 = rng.choice(vocab.colour_names), rng.choice(vocab.shapes)
+    c2 = c1 if differ == "shape" else rng.choice([c for c in vocab.colour_names if c != c1])
+    s2 = s1 if differ == "colour" else rng.choice([s for s in vocab.shapes if s != s1])
+    kinds = [(c1, s1), (c2, s2)]
+    if rng.random() < 1 / 3:
+        kinds.append(rng.choice(kinds[:2]))
+    cells = rng.sample(CELLS, len(kinds))
+    return Scene(tuple(Thing(c, s, cell) for (c, s), cell in zip(kinds, cells)))
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -226,59 +290,151 @@ def _listing(items: list[str]) -> str:
 
 
 def caption(scene: Scene, vocab: Vocabulary = DEFAULT_VOCABULARY) -> str:
+    if scene.two_kinds:
+        first, second = (_caption_part(scene.of_kind(kind), vocab) for kind in scene.kinds())
+        return vocab.say("caption_two", first=first, second=second)
     n = len(scene.things)
     cells = _listing(["the " + t.cell for t in scene.by_cell()])
     return vocab.say("caption_one" if n == 1 else "caption_many", number=NUMBER_WORDS[n], colour=scene.colour,
                      shape=scene.shape, shapes=plural(scene.shape), cells=cells)
 
 
+def _caption_part(things: list[Thing], vocab: Vocabulary) -> str:
+    n, (colour, shape) = len(things), things[0].kind
+    return vocab.say("caption_part_one" if n == 1 else "caption_part_many", number=NUMBER_WORDS[n], colour=colour,
+                     shape=shape, shapes=plural(shape), cells=_listing(["the " + t.cell for t in things]))
+
+
+def _ask_two_kinds(scene: Scene, qtype: str, rng: random.Random, vocab: Vocabulary):
+    """(question, answer, subject kind) of a binding type about a two-kind scene, or None."""
+    (c1, s1), (c2, s2) = kinds = scene.kinds()
+    kind = rng.choice(kinds)
+    other = kinds[1 - kinds.index(kind)]
+    copies = len(scene.of_kind(kind))
+    if qtype == "attribute":
+        if s1 != s2 and (c1 == c2 or rng.random() < 0.5):  # the shape names the object: read its colour
+            return vocab.say("colour_one" if copies == 1 else "colour_many", shape=kind[1],
+                             shapes=plural(kind[1])), kind[0], kind
+        if c1 != c2:  # the colour names the object: read its shape
+            return vocab.say("shape_one" if copies == 1 else "shape_many", colour=kind[0]), kind[1], kind
+        return None
+    if qtype == "place":
+        if rng.random() < 0.5 and copies == 1:
+            return vocab.say("where", colour=kind[0], shape=kind[1]), scene.of_kind(kind)[0].cell, kind
+        cell = rng.choice(CELLS)
+        thing = scene.at(cell)
+        return vocab.say("in_cell", cell=cell), thing.name if thing else NOTHING, thing.kind if thing else None
+    if qtype == "relation":
+        if copies != 1:
+            return None
+        name = f"{kind[0]} {kind[1]}"
+        row, col = divmod(CELLS.index(scene.of_kind(kind)[0].cell), 2)
+        if rng.random() < 0.5:  # yes/no about the two objects (each shown once)
+            if len(scene.of_kind(other)) != 1:
+                return None
+            other_row, other_col = divmod(CELLS.index(scene.of_kind(other)[0].cell), 2)
+            if rng.random() < 0.5:
+                return vocab.say("yn_left", thing=name, other=f"{other[0]} {other[1]}"), \
+                    "yes" if col < other_col else "no", kind
+            return vocab.say("yn_above", thing=name, other=f"{other[0]} {other[1]}"), \
+                "yes" if row < other_row else "no", kind
+        ways = ([("what_left", CELLS[2 * row])] if col == 1 else []) + \
+            ([("what_above", CELLS[col])] if row == 1 else [])
+        if not ways:
+            return None
+        slot, cell = rng.choice(ways)
+        thing = scene.at(cell)
+        return vocab.say(slot, thing=name), thing.name if thing else NOTHING, thing.kind if thing else None
+    if qtype == "kind count":
+        colour = rng.choice([c1, c2])
+        return vocab.say("count_colour", colour=colour), \
+            NUMBER_WORDS[sum(t.colour == colour for t in scene.things)], None
+    if qtype == "binding yes/no":
+        if rng.random() < 0.5:
+            return vocab.say("yn_thing", colour=kind[0], shape=kind[1]), "yes", kind
+        if c1 != c2 and s1 != s2:  # both words shown, wrongly paired (POPE's adversarial idea)
+            colour, shape = (c1, s2) if rng.random() < 0.5 else (c2, s1)
+        else:  # one of the two words shown, the other not
+            colour, shape = kind
+            if c1 == c2:
+                colour = rng.choice([c for c in vocab.colour_names if c != c1])
+            else:
+                shape = rng.choice([s for s in vocab.shapes if s != s1])
+        return vocab.say("yn_thing", colour=colour, shape=shape), "no", None
+    return None
+
+
+def scene_types(scene: Scene) -> tuple[str, ...]:
+    """The base question types a scene can be asked (follow-ups aside): today's types about a one-kind scene, the
+    binding types about a two-kind scene."""
+    return BINDING_TYPES if scene.two_kinds else ONE_KIND_TYPES
+
+
 def ask(scene: Scene, qtype: str, rng: random.Random, previous: str | None = None,
         vocab: Vocabulary = DEFAULT_VOCABULARY):
     """One (question, answer) of the given type, or None when the scene cannot support it.
 
-    `previous` is the type of the previous turn; a follow-up refers to its objects ("it"/"they").
-    """
-    n, c, s = len(scene.things), scene.colour, scene.shape
-    one = n == 1
-    words = dict(colour=c, shape=s, shapes=plural(s))
-    if qtype == "colour":
-        return vocab.say("colour_one" if one else "colour_many", **words), c
-    if qtype == "shape":
-        return vocab.say("shape_one" if one else "shape_many", **words), s
-    if qtype == "position":
-        if one:
-            return vocab.say("where", **words), scene.things[0].cell
-        if n == 3:
-            empty = next(cell for cell in CELLS if cell not in {t.cell for t in scene.things})
-            return vocab.say("empty"), empty
-        return None
-    if qtype == "count":
-        if rng.random() < 0.5:
-            return vocab.say("count_all"), NUMBER_WORDS[n]
-        other = rng.choice(vocab.shapes)
-        return vocab.say("count_shape", shapes=plural(other)), NUMBER_WORDS[n if other == s else 0]
-    if qtype == "yes/no":  # one attribute compared with the picture (worded so that Whisper hears it right)
-        if rng.random() < 0.5:
-            asked = c if rng.random() < 0.5 else rng.choice([x for x in vocab.colour_names if x != c])
-            return vocab.say("yn_colour", colour=asked), "yes" if asked == c else "no"
-        asked = s if rng.random() < 0.5 else rng.choice([x for x in vocab.shapes if x != s])
-        return vocab.say("yn_shape", shapes=plural(asked)), "yes" if asked == s else "no"
+    `previous` is the type of the previous turn; a follow-up refers to its objects ("it"/"they")."""
+    asked = _ask(scene, qtype, rng, previous, None, vocab)
+    return asked and asked[:2]
+
+
+def _ask(scene: Scene, qtype: str, rng: random.Random, previous: str | None, subject: tuple[str, str] | None,
+         vocab: Vocabulary):
+    """(question, answer, the kind the question is about or None), or None. `subject`: the previous turn's kind."""
+    if qtype not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qtype!r}")
     if qtype == "follow-up":
         if previous is None or previous == "follow-up":
             return None
-        if previous == "colour":
-            return vocab.say("follow_count"), NUMBER_WORDS[n]
-        return vocab.say("follow_colour_one" if one else "follow_colour_many"), c
-    raise ValueError(f"unknown question type {qtype!r}")
+        if scene.two_kinds:  # "And how many are there?" about the kind the previous turn was about
+            return (vocab.say("follow_count"), NUMBER_WORDS[len(scene.of_kind(subject))], subject) if subject \
+                else None
+    elif qtype not in scene_types(scene):
+        return None
+    if scene.two_kinds:
+        return _ask_two_kinds(scene, qtype, rng, vocab)
+    n, c, s = len(scene.things), scene.colour, scene.shape
+    one = n == 1
+    words = dict(colour=c, shape=s, shapes=plural(s))
+    kind = (c, s)
+    if qtype == "colour":
+        return vocab.say("colour_one" if one else "colour_many", **words), c, kind
+    if qtype == "shape":
+        return vocab.say("shape_one" if one else "shape_many", **words), s, kind
+    if qtype == "position":
+        if one:
+            return vocab.say("where", **words), scene.things[0].cell, kind
+        if n == 3:
+            empty = next(cell for cell in CELLS if cell not in {t.cell for t in scene.things})
+            return vocab.say("empty"), empty, kind
+        return None
+    if qtype == "count":
+        if rng.random() < 0.5:
+            return vocab.say("count_all"), NUMBER_WORDS[n], kind
+        other = rng.choice(vocab.shapes)
+        return vocab.say("count_shape", shapes=plural(other)), NUMBER_WORDS[n if other == s else 0], kind
+    if qtype == "yes/no":  # one attribute compared with the picture (worded so that Whisper hears it right)
+        if rng.random() < 0.5:
+            asked = c if rng.random() < 0.5 else rng.choice([x for x in vocab.colour_names if x != c])
+            return vocab.say("yn_colour", colour=asked), "yes" if asked == c else "no", kind
+        asked = s if rng.random() < 0.5 else rng.choice([x for x in vocab.shapes if x != s])
+        return vocab.say("yn_shape", shapes=plural(asked)), "yes" if asked == s else "no", kind
+    # a follow-up about a one-kind scene
+    if previous == "colour":
+        return vocab.say("follow_count"), NUMBER_WORDS[n], kind
+    return vocab.say("follow_colour_one" if one else "follow_colour_many"), c, kind
 
 
 def conversation(scene: Scene, rng: random.Random, turns: int, types=QUESTION_TYPES,
                  vocab: Vocabulary = DEFAULT_VOCABULARY, weights: dict | None = None) -> list[dict]:
     """A multi-turn conversation: a list of {question, answer, type}. Follow-ups refer to the previous turn.
 
-    `weights` (question type -> relative weight; default: all equal) sets how often each base type is drawn."""
+    `weights` (question type -> relative weight; default: all equal) sets how often each base type is drawn among
+    those the scene can be asked (``scene_types``)."""
     out: list[dict] = []
-    base_types = [t for t in types if t != "follow-up"]
+    subject = None
+    base_types = [t for t in scene_types(scene) if t in types]
     while len(out) < turns:
         previous = out[-1]["type"] if out and out[-1]["answer"] not in ("no", "zero") else None
         follow = previous and "follow-up" in types and rng.random() < 0.3
@@ -288,10 +444,11 @@ def conversation(scene: Scene, rng: random.Random, turns: int, types=QUESTION_TY
             qtype = rng.choices(base_types, weights=[weights.get(t, 1.0) for t in base_types])[0]
         else:
             qtype = rng.choice(base_types)
-        asked = ask(scene, qtype, rng, previous, vocab)
+        asked = _ask(scene, qtype, rng, previous, subject, vocab)
         if asked is None or any(q["question"] == asked[0] for q in out):
             continue
         out.append({"question": asked[0], "answer": asked[1], "type": qtype})
+        subject = asked[2]
     return out
 
 
@@ -330,8 +487,8 @@ def blind_chance_by_type(vocab: Vocabulary = DEFAULT_VOCABULARY, n_scenes: int =
     answers = defaultdict(lambda: defaultdict(Counter))  # type -> question -> answer counts
     for _ in range(n_scenes):
         scene = sample_scene(rng, vocab)
-        for qtype in QUESTION_TYPES:
-            asked = None if qtype == "follow-up" else ask(scene, qtype, rng, vocab=vocab)
+        for qtype in scene_types(scene):
+            asked = ask(scene, qtype, rng, vocab=vocab)
             if asked is not None:
                 answers[qtype][asked[0]][asked[1]] += 1
     return {qtype: sum(max(c.values()) for c in questions.values()) / sum(sum(c.values()) for c in questions.values())
@@ -348,8 +505,8 @@ def described_questions(n_scenes: int, seed: int, vocab: Vocabulary = DEFAULT_VO
         scene = sample_scene(rng, vocab)
         context = [user_message(CAPTION_REQUEST, with_image=False),
                    {"role": "assistant", "content": caption(scene, vocab)}]
-        for qtype in QUESTION_TYPES:
-            asked = None if qtype == "follow-up" else ask(scene, qtype, rng, vocab=vocab)
+        for qtype in scene_types(scene):
+            asked = ask(scene, qtype, rng, vocab=vocab)
             if asked is not None:
                 probes.append({"messages": context + [user_message(asked[0], with_image=False)],
                                "answer": asked[1], "type": qtype})
@@ -446,7 +603,7 @@ def build_world(root: str | Path, spec, eos: str = "<|endoftext|>", progress: bo
         return files
     files.remove()  # a world of other settings (or a half-written one) is replaced, never mixed with the new one
     files.root.mkdir(parents=True, exist_ok=True)
-    vocab = vocabulary(spec.world_seed)
+    vocab = world_vocabulary(spec)
     weights = dict(spec.train_type_weights) if spec.train_type_weights else None  # training data only
     write_split(files, "train", spec.n_train_images, spec.world_seed * 1000 + 1, spec.image_size,
                 spec.turns_per_conversation, progress, vocab, weights)

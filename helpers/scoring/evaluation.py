@@ -35,7 +35,7 @@ from PIL import Image
 
 from helpers.data.chat_template import prompt_for_next_answer
 from helpers.data.hub_data import mmstar_questions, pope_questions
-from helpers.data.world import blind_chance_by_type, vocabulary
+from helpers.data.world import blind_chance_by_type, world_vocabulary
 from helpers.models.inference import (
     blank_like,
     evaluate_conversations,
@@ -307,7 +307,7 @@ def evaluate_assistant(model, processor, records, profile, paths) -> tuple[dict,
                        blind_first_turn_accuracy_by_type=blind["first_turn_accuracy_by_type"],
                        first_turn_count_by_type=blind["first_turn_count_by_type"],
                        first_turn_accuracy_by_type=result["first_turn_accuracy_by_type"],
-                       blind_chance_by_type=blind_chance_by_type(vocabulary(profile.world.world_seed)))
+                       blind_chance_by_type=blind_chance_by_type(world_vocabulary(profile.world)))
     elif profile.n_freeform_questions:  # LLaVA-Instruct: free-form answers, judged by a documented rule
         result = evaluate_freeform(model, processor, records, profile.n_freeform_questions, profile.max_new_tokens)
         rows = result.pop("rows")

@@ -17,13 +17,13 @@ from helpers.data.chat_template import render, user_message
 from helpers.data.hub_data import pretrain_texts
 from helpers.data.world import (
     CAPTION_REQUEST,
-    QUESTION_TYPES,
     ask,
     build_world,
     caption,
     described_questions,
     sample_scene,
-    vocabulary,
+    scene_types,
+    world_vocabulary,
 )
 from helpers.models.inference import left_padding, normalise
 from helpers.train.training import mean_target_loss
@@ -151,7 +151,7 @@ def text_probe(model, tok, world_spec, n_scenes: int = TEXT_PROBE_SCENES) -> dic
     """Can the LM answer from a description in words (the skill notebooks 02 and 03 build on)? Fresh scenes of the
     profile's world (a seed stream of their own, never in the corpus), one question of each type, scored exactly.
     Returns the metrics notebook 01 records: text_qa_accuracy, text_qa_accuracy_by_type, n_text_qa."""
-    probes = described_questions(n_scenes, world_spec.world_seed * 1000 + 4, vocabulary(world_spec.world_seed))
+    probes = described_questions(n_scenes, world_spec.world_seed * 1000 + 4, world_vocabulary(world_spec))
     qa = text_answer_accuracy(model, tok, probes)
     return {"text_qa_accuracy": qa["accuracy"], "text_qa_accuracy_by_type": qa["accuracy_by_type"],
             "n_text_qa": len(probes)}
@@ -181,14 +181,14 @@ def sample_prompts(profile, n_scenes: int = 2) -> list[str]:
         return list(STORY_PROMPTS)
     import random
 
-    vocab = vocabulary(profile.world.world_seed)  # the objects and wording of the profile's world
+    vocab = world_vocabulary(profile.world)  # the objects, wording and scenes of the profile's world
     rng = random.Random(12345)
     prompts = [render([user_message(CAPTION_REQUEST, with_image=False)], add_generation_prompt=True)]
     for _ in range(n_scenes):
         scene = sample_scene(rng, vocab)
         context = [user_message(CAPTION_REQUEST, with_image=False),
                    {"role": "assistant", "content": caption(scene, vocab)}]
-        for qtype in rng.sample([t for t in QUESTION_TYPES if t != "follow-up"], 2):
+        for qtype in rng.sample(scene_types(scene), 2):
             asked = ask(scene, qtype, rng, vocab=vocab)
             if asked:
                 prompts.append(render(context + [user_message(asked[0], with_image=False)],

@@ -6,9 +6,12 @@ short, and returns the numbers it showed so a test can check them. Nothing here 
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import torch
+from PIL import Image
 
+from helpers.data.chat_template import prompt_for_next_answer
 from helpers.data.encoding import encode_conversation
 from helpers.data.tokenizer import image_token_id
 from helpers.models.modeling import vision_features
@@ -196,6 +199,79 @@ def show_checkpoint_answers(rows: list[dict]) -> None:
         print("no checkpoint was saved in this run (save_steps = 0, or a finished run was loaded)")
         return
     show_table(rows, ["step", "question", "expected", "answer"], max_rows=40)
+
+
+@torch.no_grad()
+def image_attention(model, processor, image, prompt: str) -> torch.Tensor:
+    """Where the model looks when it starts to answer: the attention of the prompt's last position (the one that
+    predicts the answer's first token) on each image token, averaged over heads and layers, laid out as the
+    image's patch grid. The grid's sum is the share of that position's attention spent on the image."""
+    llava = _llava_of(model)
+    device = next(llava.parameters()).device
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(device)
+    previous = llava.config._attn_implementation
+    llava.set_attn_implementation("eager")  # attention weights are only materialised by the eager kernel
+    try:
+        attentions = llava(**inputs, output_attentions=True).attentions
+    finally:
+        llava.set_attn_implementation(previous)
+    last = torch.stack([a[0, :, -1, :].float() for a in attentions]).mean(dim=(0, 1))  # layers, heads -> keys
+    on_image = last[inputs["input_ids"][0] == llava.config.image_token_id].cpu()
+    grid = int(round(on_image.numel() ** 0.5))
+    return on_image.reshape(grid, grid)
+
+
+def grounding_cases(rows: list[dict], records, prefer_types=(), eos_token: str = "<|endoftext|>") -> list[dict]:
+    """One right and one wrong held-out answer to a first question (the image is then the only place the answer can
+    come from), of `prefer_types` when there are any (the binding types of a two-kind world), for
+    :func:`show_grounding`. Two right ones when nothing was answered wrong. Rows are the evaluation's (``image``
+    file name, ``turn``, ``type``, ``question``, ``expected``, ``predicted``, ``correct``)."""
+    first = [r for r in rows if r.get("turn") == 0]
+    first = [r for r in first if r["type"] in prefer_types] or first
+    right = [r for r in first if r["correct"]]
+    wrong = [r for r in first if not r["correct"]]
+    picked = right[:1] + wrong[:1] if wrong else right[:2]
+    if not wrong:
+        print("no first question of these types was answered wrong: two right answers instead")
+    images = {Path(record.image).name: record.image for record in records}
+    return [{"image": Image.open(images[r["image"]]).convert("RGB"), "question": r["question"],
+             "prompt": prompt_for_next_answer([], r["question"], eos_token), "expected": r["expected"],
+             "predicted": r["predicted"]} for r in picked]
+
+
+def show_grounding(model, processor, cases: list[dict], path=None) -> list[dict]:
+    """For each case ({"image", "prompt", "question", "expected", "predicted"}): the image with the attention of
+    the answer's first token on each patch drawn over it, titled with the question and the answer (right or
+    wrong). Returns each case's grid and its share of attention on the image."""
+    import matplotlib.pyplot as plt
+
+    if not cases:
+        print("no held-out answer to a first question to show (the view needs the tiny world's scored answers)")
+        return []
+
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.3 * len(cases), 3.6), squeeze=False)
+    out = []
+    for ax, case in zip(axes[0], cases):
+        grid = image_attention(model, processor, case["image"], case["prompt"])
+        share = grid / grid.sum()
+        ax.imshow(case["image"])
+        size = case["image"].size[0]
+        ax.imshow(share.numpy(), cmap="magma", alpha=0.4, extent=(0, size, size, 0), vmin=0, vmax=1)
+        for (row, col), value in zip([(r, c) for r in range(grid.shape[0]) for c in range(grid.shape[1])],
+                                     share.flatten().tolist()):
+            ax.text((col + 0.5) * size / grid.shape[1], (row + 0.5) * size / grid.shape[0], f"{value:.0%}",
+                    ha="center", va="center", color="white", fontsize=9, fontweight="bold")
+        right = case["predicted"] == case["expected"]
+        ax.set_title(f"{case['question']}\n{case['predicted']!r} ({'right' if right else 'wrong: ' + case['expected']})",
+                     fontsize=8, color="black" if right else "firebrick")
+        ax.axis("off")
+        out.append({"question": case["question"], "right": right, "grid": share.tolist(),
+                    "image_share": float(grid.sum())})
+    fig.suptitle("attention of the answer's first token on the image's cells (mean over heads and layers)",
+                 fontsize=9)
+    fig.tight_layout()
+    save_and_show(fig, path)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- 04: speech
