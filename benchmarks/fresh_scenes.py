@@ -6,8 +6,8 @@ seed streams of their own (``world_seed * 1000 + 55`` and ``+ 77``; the course u
 
 * **all types**: 300 scenes with 3-turn conversations, every question type equally likely (as the held-out split),
   with the run's share of two-kind scenes and their binding questions;
-* **yes/no colour, every pair**: 150 one-kind scenes, each asked about every colour of the world ("Is the colour red?" in
-  the world's wording), so a colour pair the model confuses shows up whole instead of as a few held-out misses.
+* **yes/no colour, every pair**: 150 one-kind scenes, each asked about every colour of the world ("Is the colour
+  red?" in the world's wording), so a colour pair the model confuses shows up whole instead of as a few held-out misses.
 
 The held-out split is never read: this is the set to judge recipe changes on.
 

@@ -262,8 +262,9 @@ def show_grounding(model, processor, cases: list[dict], path=None) -> list[dict]
             ax.text((col + 0.5) * size / grid.shape[1], (row + 0.5) * size / grid.shape[0], f"{value:.0%}",
                     ha="center", va="center", color="white", fontsize=9, fontweight="bold")
         right = case["predicted"] == case["expected"]
-        ax.set_title(f"{case['question']}\n{case['predicted']!r} ({'right' if right else 'wrong: ' + case['expected']})",
-                     fontsize=8, color="black" if right else "firebrick")
+        verdict = "right" if right else "wrong: " + case["expected"]
+        ax.set_title(f"{case['question']}\n{case['predicted']!r} ({verdict})", fontsize=8,
+                     color="black" if right else "firebrick")
         ax.axis("off")
         out.append({"question": case["question"], "right": right, "grid": share.tolist(),
                     "image_share": float(grid.sum())})
