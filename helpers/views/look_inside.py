@@ -207,6 +207,9 @@ def image_attention(model, processor, image, prompt: str) -> torch.Tensor:
     predicts the answer's first token) on each image token, averaged over heads and layers, laid out as the
     image's patch grid. The grid's sum is the share of that position's attention spent on the image."""
     llava = _llava_of(model)
+    if llava.dtype == torch.float16:  # eager attention materialises Phi's scores in fp16, where they overflow
+        raise ValueError("image_attention needs the model in fp32 or bf16: Phi's eager attention scores overflow in "
+                         "fp16 (helpers.models.precision)")
     device = next(llava.parameters()).device
     inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(device)
     previous = llava.config._attn_implementation
