@@ -85,7 +85,7 @@ class WorldSpec:
     # ((type, weight), ...); None = equally often. The held-out split always draws every type equally often.
     train_type_weights: tuple[tuple[str, float], ...] | None = None
     # the share of scenes with two kinds of object and the binding questions about them (helpers.data.world);
-    # 0 = every scene one kind, the shipped tiny world until its recipe meets every bar (issue 22, docs/seeds.md)
+    # 0 = every scene one kind, the shipped tiny world until a recipe meets every bar with two (docs/binding.md)
     two_kind_share: float = 0.0
 
 
@@ -259,9 +259,8 @@ TINY = Profile(
         vocab_size=512,
     ),
     # 1200 steps of 32 dialogues (900 left world 1 seed 0's yes/no at 87 % in stage 03), the learning rate held up for
-    # the first 60 % of the steps,
-    # then a cosine decay over the last 40 % (warmup-stable-decay), AdamW's beta2 at 0.95 as in LM pretraining:
-    # see docs/seeds.md
+    # the first 60 % of the steps, then a cosine decay over the last 40 % (warmup-stable-decay), AdamW's beta2 at 0.95
+    # as in LM pretraining: see docs/seeds.md
     pretrain=StageSpec(learning_rate=2e-3, batch_size=32, max_steps=1200, logging_steps=10,
                        lr_scheduler_type="warmup_stable_decay", decay_ratio=0.4, adam_beta2=0.95),
     # one dialogue per row (50-73 tokens in world 0, up to 82 in world 1; rows are as wide as the longest one):

@@ -18,8 +18,8 @@ everything the course needs, in the real data sets' formats:
 Why two kinds are a share of the scenes, off in the shipped tiny profile (``WorldSpec.two_kind_share``): with
 several differently coloured objects, nearly every question needs two hops of attention (find the object the
 question names, then read its attribute). An early two-kind world stayed at 55-62 % held-out accuracy, measured
-with a stage-01 LM that had not yet learned to read its context (see ``pretrain.pack_documents``); issue 22 measures
-it again (docs/seeds.md).
+with a stage-01 LM that had not yet learned to read its context (see ``pretrain.pack_documents``); measured again
+with today's recipe in docs/binding.md.
 
 All of it is deterministic from a seed; the held-out split uses a disjoint seed stream and is never trained on.
 """
@@ -315,9 +315,8 @@ def _ask_two_kinds(scene: Scene, qtype: str, rng: random.Random, vocab: Vocabula
         if s1 != s2 and (c1 == c2 or rng.random() < 0.5):  # the shape names the object: read its colour
             return vocab.say("colour_one" if copies == 1 else "colour_many", shape=kind[1],
                              shapes=plural(kind[1])), kind[0], kind
-        if c1 != c2:  # the colour names the object: read its shape
-            return vocab.say("shape_one" if copies == 1 else "shape_many", colour=kind[0]), kind[1], kind
-        return None
+        # else the colour names the object (two kinds of one shape differ in colour): read its shape
+        return vocab.say("shape_one" if copies == 1 else "shape_many", colour=kind[0]), kind[1], kind
     if qtype == "place":
         if rng.random() < 0.5 and copies == 1:
             return vocab.say("where", colour=kind[0], shape=kind[1]), scene.of_kind(kind)[0].cell, kind
@@ -327,24 +326,23 @@ def _ask_two_kinds(scene: Scene, qtype: str, rng: random.Random, vocab: Vocabula
     if qtype == "relation":
         if copies != 1:
             return None
-        name = f"{kind[0]} {kind[1]}"
-        row, col = divmod(CELLS.index(scene.of_kind(kind)[0].cell), 2)
+        me = scene.of_kind(kind)[0]
+        row, col = divmod(CELLS.index(me.cell), 2)
         if rng.random() < 0.5:  # yes/no about the two objects (each shown once)
             if len(scene.of_kind(other)) != 1:
                 return None
-            other_row, other_col = divmod(CELLS.index(scene.of_kind(other)[0].cell), 2)
+            you = scene.of_kind(other)[0]
+            other_row, other_col = divmod(CELLS.index(you.cell), 2)
             if rng.random() < 0.5:
-                return vocab.say("yn_left", thing=name, other=f"{other[0]} {other[1]}"), \
-                    "yes" if col < other_col else "no", kind
-            return vocab.say("yn_above", thing=name, other=f"{other[0]} {other[1]}"), \
-                "yes" if row < other_row else "no", kind
+                return vocab.say("yn_left", thing=me.name, other=you.name), "yes" if col < other_col else "no", kind
+            return vocab.say("yn_above", thing=me.name, other=you.name), "yes" if row < other_row else "no", kind
         ways = ([("what_left", CELLS[2 * row])] if col == 1 else []) + \
             ([("what_above", CELLS[col])] if row == 1 else [])
         if not ways:
             return None
         slot, cell = rng.choice(ways)
         thing = scene.at(cell)
-        return vocab.say(slot, thing=name), thing.name if thing else NOTHING, thing.kind if thing else None
+        return vocab.say(slot, thing=me.name), thing.name if thing else NOTHING, thing.kind if thing else None
     if qtype == "kind count":
         colour = rng.choice([c1, c2])
         return vocab.say("count_colour", colour=colour), \

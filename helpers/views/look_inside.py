@@ -239,13 +239,13 @@ def grounding_cases(rows: list[dict], records, prefer_types=(), eos_token: str =
     images = {Path(record.image).name: record.image for record in records}
     return [{"image": Image.open(images[r["image"]]).convert("RGB"), "question": r["question"],
              "prompt": prompt_for_next_answer([], r["question"], eos_token), "expected": r["expected"],
-             "predicted": r["predicted"]} for r in picked]
+             "predicted": r["predicted"], "correct": r["correct"]} for r in picked]
 
 
 def show_grounding(model, processor, cases: list[dict], path=None) -> list[dict]:
-    """For each case ({"image", "prompt", "question", "expected", "predicted"}): the image with the attention of
-    the answer's first token on each patch drawn over it, titled with the question and the answer (right or
-    wrong). Returns each case's grid and its share of attention on the image."""
+    """For each case ({"image", "prompt", "question", "expected", "predicted", "correct"}, the evaluation's own
+    verdict): the image with the attention of the answer's first token on each patch drawn over it, titled with the
+    question and the answer (right or wrong). Returns each case's grid and its share of attention on the image."""
     import matplotlib.pyplot as plt
 
     if not cases:
@@ -264,7 +264,7 @@ def show_grounding(model, processor, cases: list[dict], path=None) -> list[dict]
                                      share.flatten().tolist()):
             ax.text((col + 0.5) * size / grid.shape[1], (row + 0.5) * size / grid.shape[0], f"{value:.0%}",
                     ha="center", va="center", color="white", fontsize=9, fontweight="bold")
-        right = case["predicted"] == case["expected"]
+        right = case["correct"]
         verdict = "right" if right else "wrong: " + case["expected"]
         ax.set_title(f"{case['question']}\n{case['predicted']!r} ({verdict})", fontsize=8,
                      color="black" if right else "firebrick")
