@@ -40,10 +40,25 @@ def test_the_documented_bars_pass_good_runs_and_name_what_a_bad_one_missed():
     for stage, change, words in cases:
         missed = bars.misses(Bars(), stage, {**GOOD[stage], **change})
         assert len(missed) == 1 and words in missed[0], (stage, change, missed)
-    with pytest.raises(bars.BarNotMet, match=r"03_qlora_instruct missed its bar: held-out accuracy 50.0% < 98%"):
+    floor = f"{TINY.bars.heldout_accuracy:.0%}"  # the tiny profile enforces its floors (docs/binding.md)
+    with pytest.raises(bars.BarNotMet, match=rf"03_qlora_instruct missed its bar: held-out accuracy 50.0% < {floor}"):
         bars.check(TINY, "03_qlora_instruct", {**GOOD["03_qlora_instruct"], "heldout_accuracy": 0.5})
     bars.check(FULL, "03_qlora_instruct", {})  # the full profile has no bars: it reports only
     assert with_settings(TINY, {"bars.text_probe": "0.5"}).bars.text_probe == 0.5
+
+
+def test_binding_types_have_their_own_floor_and_every_other_type_keeps_its_bar():
+    """A floor for the binding types (the tiny profile's two-kind world) must not lower the bar of the others.
+    Catches: the floor applied to every type, or a binding type that escapes every bar."""
+    floors = Bars(heldout_accuracy=0.5, binding_accuracy_by_type=0.4)
+    metrics = {"heldout_accuracy": 0.9, "eos_rate": 1.0,
+               "heldout_accuracy_by_type": {"colour": 0.94, "place": 0.45, "relation": 0.3, "follow-up": 0.99}}
+    assert bars.misses(floors, "03_qlora_instruct", metrics) == ["types below 95%: colour 94.0%",
+                                                                  "types below 40%: relation 30.0%"]
+    assert bars.misses(Bars(heldout_accuracy=0.5), "03_qlora_instruct", metrics) == \
+        ["types below 95%: colour 94.0%, place 45.0%, relation 30.0%"]
+    assert TINY.bars.binding_accuracy_by_type is None or \
+        TINY.bars.binding_accuracy_by_type <= TINY.bars.heldout_accuracy_by_type
 
 
 def test_a_stage_that_cannot_meet_its_bar_raises_with_the_measured_figure(profile, tmp_path):

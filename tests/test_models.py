@@ -51,6 +51,24 @@ def _phi2_like_lm(k: float):
     return lm.eval()
 
 
+def test_the_fold_is_judged_in_the_dtype_the_head_runs_in(monkeypatch):
+    """A plain fold at |k| ~ 1 is 10x worse than the unfolded head in bf16, harmless in fp32. Catches: an fp32 head
+    (the tiny profile on a CPU) refused for a bf16 shortfall (it stopped notebook 02 on world 0 seed 2 of the
+    two-kind world), and a bf16 head let through with it."""
+    from helpers.models import modeling
+
+    monkeypatch.setattr(modeling, "FOLD_TARGETS", (None,))  # no shift: the plain fold
+    lm = _phi2_like_lm(1.0)
+    ids = torch.randint(2, 4000, (2, 16))
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits
+        weight, norm_bias = fold_lm_head_bias(lm)
+        lm.model.final_layernorm.bias.copy_(norm_bias)
+        assert torch.allclose(lm.model(input_ids=ids).last_hidden_state @ weight.T, expected, atol=1e-3)
+    with pytest.raises(ValueError, match="bfloat16 accuracy"):
+        fold_lm_head_bias(_phi2_like_lm(1.0).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("k", [1.0, 30.0])
 def test_assembled_head_is_as_accurate_as_phi_in_bf16(tok, profile, k):
     """The folded head must not cost accuracy: the assembled LLaVA's bf16 logits stay as close to the fp64 truth as

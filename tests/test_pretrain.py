@@ -56,7 +56,7 @@ def test_text_probes_describe_a_scene_then_ask_one_question_per_type():
 
     probes = described_questions(30, seed=4)
     assert probes == described_questions(30, seed=4)  # deterministic
-    assert {p["type"] for p in probes} == set(ONE_KIND_TYPES)  # the default world: one kind per scene
+    assert {p["type"] for p in probes} == set(ONE_KIND_TYPES)  # the default vocabulary (share 0): one kind per scene
     for p in probes:
         request, described, question = p["messages"]
         assert request == {"role": "user", "content": CAPTION_REQUEST}

@@ -54,7 +54,7 @@ def test_answers_agree_with_the_scene():
                     assert q.startswith("Are there ") and (a == "yes") == (asked == s + "s")
         assert caption(scene).startswith(["one", "two", "three"][n - 1] + " " + c + " " + s)
         assert caption(scene).count("the ") == n
-    assert seen == set(ONE_KIND_TYPES) | {"follow-up"}  # the default world: one kind per scene
+    assert seen == set(ONE_KIND_TYPES) | {"follow-up"}  # the default vocabulary (share 0): one kind per scene
 
 
 def test_position_is_asked_only_when_it_has_one_answer():
