@@ -152,10 +152,9 @@ def fold_lm_head_bias(lm: PhiForCausalLM, probe_rows: int = 2048, probe_tokens: 
         if folded is not None:
             err = _head_error(folded[0], None, gamma, folded[1], reference, z)
             if best is None or err < best[0]:
-                best = (err, target)
+                best = (err, target, folded)
     run_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    folded = _fold(w_probe, b_probe, gamma, beta, best[1]) if best else None
-    error = _head_error(folded[0], None, gamma, folded[1], reference, z, run_dtype) if folded else float("inf")
+    error = _head_error(best[2][0], None, gamma, best[2][1], reference, z, run_dtype) if best else float("inf")
     unfolded = _head_error(w_probe, b_probe, gamma, beta, reference, z, run_dtype)
     # an error within the dtype's own rounding of the largest logit is no loss (a tiny LM's bf16 head: 0.06)
     rounding = torch.finfo(run_dtype).eps / 2 * float(reference.abs().max())
